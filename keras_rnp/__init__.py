@@ -1,0 +1,18 @@
+"""keras_rnp: Runtime Neural Pruning (Lin et al., NeurIPS 2017) for Keras 3."""
+
+from keras_rnp.decision_network import DecisionNetwork
+from keras_rnp.flops import count_flops
+from keras_rnp.rnp_model import RNPModel
+from keras_rnp.schedules import linearly_decaying_epsilon
+from keras_rnp.wrap import strip, wrap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DecisionNetwork",
+    "RNPModel",
+    "count_flops",
+    "linearly_decaying_epsilon",
+    "strip",
+    "wrap",
+]
