@@ -4,7 +4,8 @@ from keras_rnp.decision_network import DecisionNetwork
 from keras_rnp.flops import count_flops
 from keras_rnp.rnp_model import RNPModel
 from keras_rnp.schedules import linearly_decaying_epsilon
-from keras_rnp.wrap import strip, wrap
+from keras_rnp.wrap import strip
+from keras_rnp.wrap import wrap
 
 __version__ = "0.1.0"
 

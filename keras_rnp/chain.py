@@ -41,9 +41,24 @@ INPUT_LAYERS = (_L.Rescaling, _L.Normalization)
 # Layers that turn a feature map into a vector; they start the head.
 REDUCER_LAYERS = (_L.GlobalAveragePooling2D, _L.GlobalMaxPooling2D, _L.Flatten)
 # Layers allowed in the head, after the reducer.
-HEAD_LAYERS = (_L.Dense, _L.Dropout, _L.BatchNormalization, _L.Activation,
-               _L.ReLU, _L.LeakyReLU, _L.ELU, _L.Softmax)
+HEAD_LAYERS = (
+    _L.Dense,
+    _L.Dropout,
+    _L.BatchNormalization,
+    _L.Activation,
+    _L.ReLU,
+    _L.LeakyReLU,
+    _L.ELU,
+    _L.Softmax,
+)
 
+_KNOWN_LAYERS = (
+    (_L.Conv2D,)
+    + CHANNELWISE_LAYERS
+    + INPUT_LAYERS
+    + REDUCER_LAYERS
+    + HEAD_LAYERS
+)
 SUPPORTED = (
     "Conv2D (channels_last, groups=1), BatchNormalization, Activation, ReLU, "
     "LeakyReLU, ELU, MaxPooling2D, AveragePooling2D, Dropout, "
@@ -112,8 +127,7 @@ def chain_layers(model):
             f"and {len(model.outputs)} outputs."
         )
     layers = [
-        layer for layer in model.layers
-        if not isinstance(layer, _L.InputLayer)
+        layer for layer in model.layers if not isinstance(layer, _L.InputLayer)
     ]
     for layer in layers:
         if isinstance(layer, keras.Model):
@@ -123,9 +137,15 @@ def chain_layers(model):
     previous = model.inputs[0]
     for layer in layers:
         layer_input = layer.input
-        if isinstance(layer_input, (list, tuple)) or layer_input is not previous:
-            _refuse(layer, "the model branches or merges here; only a chain "
-                    "of layers, each feeding the next, is supported")
+        if (
+            isinstance(layer_input, (list, tuple))
+            or layer_input is not previous
+        ):
+            _refuse(
+                layer,
+                "the model branches or merges here; only a chain "
+                "of layers, each feeding the next, is supported",
+            )
         previous = layer.output
     if model.outputs[0] is not previous:
         raise ValueError(
@@ -181,7 +201,8 @@ class GatedUnit:
         """A `[B, 1, 1, C]` float mask keeping the first `action` groups."""
         group_size = self.out_channels // self.groups
         mask = tf.sequence_mask(
-            tf.cast(action, tf.int32) * group_size, self.out_channels,
+            tf.cast(action, tf.int32) * group_size,
+            self.out_channels,
             dtype=tf.float32,
         )
         return mask[:, None, None, :]
@@ -243,6 +264,11 @@ def plan_chain(model, groups, gate_first=False):
         ValueError: naming the first layer that cannot be handled.
     """
     layers = chain_layers(model)
+    for layer in layers:
+        if not isinstance(layer, _KNOWN_LAYERS):
+            _refuse(layer, _why_not(layer, section=None))
+        if isinstance(layer, _L.Conv2D):
+            _check_conv(layer, groups, gated_conv=False)
     input_shape = tuple(model.inputs[0].shape)
     if len(input_shape) != 4:
         raise ValueError(
@@ -275,15 +301,24 @@ def plan_chain(model, groups, gate_first=False):
         if isinstance(layer, _L.Conv2D):
             _check_conv(layer, groups, gated_conv=layer in gated)
             if section == "head":
-                _refuse(layer, "a convolution after the head's flatten or "
-                        "global pooling is not supported")
+                _refuse(
+                    layer,
+                    "a convolution after the head's flatten or "
+                    "global pooling is not supported",
+                )
             if layer in gated:
-                units.append(GatedUnit(
-                    conv=layer, tail=[], groups=groups,
-                    in_channels=in_shape[-1], out_channels=layer.filters,
-                    in_gated=previous_gated, full_flops=cost,
-                    output_shape=tuple(out_shape[1:]),
-                ))
+                units.append(
+                    GatedUnit(
+                        conv=layer,
+                        tail=[],
+                        groups=groups,
+                        in_channels=in_shape[-1],
+                        out_channels=layer.filters,
+                        in_gated=previous_gated,
+                        full_flops=cost,
+                        output_shape=tuple(out_shape[1:]),
+                    )
+                )
                 section, previous_gated = "unit", True
             else:
                 pre.append(layer)
@@ -291,8 +326,11 @@ def plan_chain(model, groups, gate_first=False):
                 section = "pre"
         elif section in ("input", "pre") and isinstance(layer, INPUT_LAYERS):
             if section != "input":
-                _refuse(layer, "input scaling is supported only before the "
-                        "first convolution")
+                _refuse(
+                    layer,
+                    "input scaling is supported only before the "
+                    "first convolution",
+                )
             pre.append(layer)
         elif section in ("input", "pre", "unit") and _is_channelwise(layer):
             if section == "unit":
@@ -318,8 +356,12 @@ def plan_chain(model, groups, gate_first=False):
             f"layer is '{layers[-1].name}' ({type(layers[-1]).__name__})."
         )
     return ChainPlan(
-        input_shape=input_shape[1:], pre=pre, units=units, head=head,
-        pre_flops=pre_flops, head_flops=head_flops,
+        input_shape=input_shape[1:],
+        pre=pre,
+        units=units,
+        head=head,
+        pre_flops=pre_flops,
+        head_flops=head_flops,
         head_gated_flops=head_gated_flops,
     )
 
@@ -337,32 +379,50 @@ def _reads_gated_channels(head):
 
 def _check_conv(layer, groups, gated_conv):
     if layer.data_format != "channels_last":
-        _refuse(layer, f"data_format={layer.data_format}; only channels_last "
-                "is supported")
+        _refuse(
+            layer,
+            f"data_format={layer.data_format}; only channels_last is supported",
+        )
     if layer.groups != 1:
-        _refuse(layer, f"groups={layer.groups}; grouped convolutions are not "
-                "supported")
+        _refuse(
+            layer,
+            f"groups={layer.groups}; grouped convolutions are not supported",
+        )
     if _activation_name(layer) in _CHANNEL_MIXING_ACTIVATIONS:
         _refuse(layer, "a softmax activation on a feature map mixes channels")
     if gated_conv and layer.filters % groups:
-        _refuse(layer, f"its {layer.filters} filters are not divisible by "
-                f"groups={groups}")
+        _refuse(
+            layer,
+            f"its {layer.filters} filters are not divisible by groups={groups}",
+        )
 
 
 def _why_not(layer, section):
-    if isinstance(layer, (_L.DepthwiseConv2D, _L.SeparableConv2D,
-                          _L.Conv1D, _L.Conv3D, _L.Conv2DTranspose)):
+    if isinstance(
+        layer,
+        (
+            _L.DepthwiseConv2D,
+            _L.SeparableConv2D,
+            _L.Conv1D,
+            _L.Conv3D,
+            _L.Conv2DTranspose,
+        ),
+    ):
         return "only Conv2D convolutions are supported"
     if isinstance(layer, (_L.RNN, _L.LSTM, _L.GRU, _L.SimpleRNN)):
         return "recurrent layers are not supported"
     if isinstance(layer, _L.Dense) and section != "head":
-        return ("a Dense layer is supported only in the head, after "
-                "Flatten or global pooling")
+        return (
+            "a Dense layer is supported only in the head, after "
+            "Flatten or global pooling"
+        )
     if isinstance(layer, REDUCER_LAYERS):
         return "flatten or global pooling is expected once, after a conv"
     if isinstance(layer, CHANNELWISE_LAYERS):
-        return ("this layer mixes channels or is not channels_last, or it "
-                "stands where it is not supported")
+        return (
+            "this layer mixes channels or is not channels_last, or it "
+            "stands where it is not supported"
+        )
     return "this layer type is not supported here"
 
 
@@ -376,7 +436,9 @@ def count_decision_flops(in_channels, code_dim, hidden_units, groups):
     """
     lstm = flops_lib.dense_flops(code_dim + hidden_units, 4 * hidden_units)
     decoder = flops_lib.dense_flops(hidden_units, groups)
-    return float(sum(
-        flops_lib.dense_flops(c, code_dim) + lstm + decoder
-        for c in in_channels
-    ))
+    return float(
+        sum(
+            flops_lib.dense_flops(c, code_dim) + lstm + decoder
+            for c in in_channels
+        )
+    )

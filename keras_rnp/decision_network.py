@@ -44,7 +44,9 @@ class DecisionNetwork(keras.layers.Layer):
         ]
 
     def build(self, input_shape=None):
-        for encoder, channels in zip(self.encoders, self.input_channels):
+        for encoder, channels in zip(
+            self.encoders, self.input_channels, strict=True
+        ):
             encoder.build((None, channels))
         self.cell.build((None, self.code_dim))
         for decoder in self.decoders:

@@ -70,7 +70,10 @@ def layer_flops(layer, input_shape, output_shape):
         in_ch = input_shape[-1]
         out_hw = output_shape[1:-1]
         depth = conv_flops(
-            out_hw, layer.kernel_size, in_ch, in_ch * layer.depth_multiplier,
+            out_hw,
+            layer.kernel_size,
+            in_ch,
+            in_ch * layer.depth_multiplier,
             groups=in_ch,
         )
         if isinstance(layer, keras.layers.SeparableConv2D):

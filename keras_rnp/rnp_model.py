@@ -151,16 +151,25 @@ class RNPModel(keras.Model):
         self._seed_generator = keras.random.SeedGenerator(seed)
         # Training state, saved with the model.
         self.step_counter = self.add_weight(
-            shape=(), dtype="int64", initializer="zeros",
-            trainable=False, name="step_counter",
+            shape=(),
+            dtype="int64",
+            initializer="zeros",
+            trainable=False,
+            name="step_counter",
         )
         self.decision_step_counter = self.add_weight(
-            shape=(), dtype="int64", initializer="zeros",
-            trainable=False, name="decision_step_counter",
+            shape=(),
+            dtype="int64",
+            initializer="zeros",
+            trainable=False,
+            name="decision_step_counter",
         )
         self.loss_ema = self.add_weight(
-            shape=(), dtype="float32", initializer="zeros",
-            trainable=False, name="loss_ema",
+            shape=(),
+            dtype="float32",
+            initializer="zeros",
+            trainable=False,
+            name="loss_ema",
         )
         self._loss_tracker_ = keras.metrics.Mean(name="loss")
         self.q_loss_tracker = keras.metrics.Mean(name="q_loss")
@@ -251,7 +260,10 @@ class RNPModel(keras.Model):
         shape = tf.shape(greedy)
         explore = keras.random.uniform(shape, seed=self._seed_generator)
         random = keras.random.randint(
-            shape, 1, self.groups + 1, seed=self._seed_generator,
+            shape,
+            1,
+            self.groups + 1,
+            seed=self._seed_generator,
             dtype="int32",
         )
         return tf.where(explore < epsilon, random, greedy)
@@ -328,9 +340,7 @@ class RNPModel(keras.Model):
                 f"({batch}, {num_layers}). Received: actions with shape "
                 f"{actions.shape} and dtype {actions.dtype}."
             )
-        if actions.size and (
-            actions.min() < 1 or actions.max() > self.groups
-        ):
+        if actions.size and (actions.min() < 1 or actions.max() > self.groups):
             raise ValueError(
                 f"Expected actions in 1..{self.groups}. Received: actions "
                 f"from {actions.min()} to {actions.max()}."
@@ -389,7 +399,8 @@ class RNPModel(keras.Model):
             self.flops_ratio_tracker,
         ]
         others = [
-            m for m in super().metrics
+            m
+            for m in super().metrics
             if m.name != "loss" and all(m is not o for o in ours)
         ]
         return [ours[0], *others, *ours[1:]]
@@ -459,9 +470,12 @@ class RNPModel(keras.Model):
         self._recalibrate_alpha(cls_loss)
         index = actions - 1
         rewards = -self.penalty * _gather_per_layer(self._action_cost, index)
-        final = tf.one_hot(
-            self.num_gated_layers - 1, self.num_gated_layers
-        )[None, :] * (-self.alpha() * cls_loss)[:, None]
+        final = (
+            tf.one_hot(self.num_gated_layers - 1, self.num_gated_layers)[
+                None, :
+            ]
+            * (-self.alpha() * cls_loss)[:, None]
+        )
         rewards += final
         next_values = tf.reduce_max(q_values[:, 1:], axis=-1)
         bootstrap = tf.concat(
@@ -483,7 +497,10 @@ class RNPModel(keras.Model):
         with tf.GradientTape() as tape:
             logits, actions, _ = self._forward(x, training=True)
             loss = self.compute_loss(
-                x=x, y=y, y_pred=logits, sample_weight=sample_weight,
+                x=x,
+                y=y,
+                y_pred=logits,
+                sample_weight=sample_weight,
                 training=True,
             )
             scaled = self.optimizer.scale_loss(loss)
@@ -493,11 +510,13 @@ class RNPModel(keras.Model):
         self._update_metrics(x, y, logits, actions, sample_weight, loss)
         return tf.constant(0)
 
-    def _update_metrics(self, x, y, logits, actions, sample_weight,
-                        loss=None):
+    def _update_metrics(self, x, y, logits, actions, sample_weight, loss=None):
         if loss is None:
             loss = self.compute_loss(
-                x=x, y=y, y_pred=logits, sample_weight=sample_weight,
+                x=x,
+                y=y,
+                y_pred=logits,
+                sample_weight=sample_weight,
                 training=False,
             )
         self._loss_tracker_.update_state(loss)
@@ -548,8 +567,8 @@ class RNPModel(keras.Model):
     def get_compile_config(self):
         config = super().get_compile_config()
         if config is not None and self.decision_optimizer is not None:
-            config["decision_optimizer"] = (
-                keras.saving.serialize_keras_object(self.decision_optimizer)
+            config["decision_optimizer"] = keras.saving.serialize_keras_object(
+                self.decision_optimizer
             )
         return config
 
@@ -602,7 +621,8 @@ def _check_number(name, value, minimum=None, maximum=None):
     )
     if not ok:
         bounds = (
-            f"in [{minimum}, {maximum}]" if maximum is not None
+            f"in [{minimum}, {maximum}]"
+            if maximum is not None
             else f">= {minimum}"
         )
         raise ValueError(

@@ -1,0 +1,124 @@
+"""Small models and NumPy references shared by the tests."""
+
+import keras
+import numpy as np
+
+
+def np_conv2d(x, kernel, bias=None, strides=1, padding="valid"):
+    """NumPy reference of a channels-last 2D convolution (dilation 1)."""
+    kh, kw = kernel.shape[:2]
+    if padding == "same":
+        h, w = x.shape[1:3]
+        out_h, out_w = -(-h // strides), -(-w // strides)
+        pad_h = max((out_h - 1) * strides + kh - h, 0)
+        pad_w = max((out_w - 1) * strides + kw - w, 0)
+        x = np.pad(
+            x,
+            (
+                (0, 0),
+                (pad_h // 2, pad_h - pad_h // 2),
+                (pad_w // 2, pad_w - pad_w // 2),
+                (0, 0),
+            ),
+        )
+    out_h = (x.shape[1] - kh) // strides + 1
+    out_w = (x.shape[2] - kw) // strides + 1
+    out = np.zeros((x.shape[0], out_h, out_w, kernel.shape[3]))
+    for i in range(out_h):
+        for j in range(out_w):
+            patch = x[
+                :,
+                i * strides : i * strides + kh,
+                j * strides : j * strides + kw,
+                :,
+            ]
+            out[:, i, j, :] = np.einsum("bhwc,hwco->bo", patch, kernel)
+    if bias is not None:
+        out += bias
+    return out
+
+
+def np_batch_norm(x, layer):
+    gamma, beta, mean, var = (np.asarray(w) for w in layer.get_weights())
+    return (x - mean) / np.sqrt(var + layer.epsilon) * gamma + beta
+
+
+def np_max_pool(x, size=2):
+    b, h, w, c = x.shape
+    x = x[:, : h // size * size, : w // size * size]
+    return x.reshape(b, h // size, size, w // size, size, c).max(axis=(2, 4))
+
+
+def randomize_batch_norm(model, seed=0):
+    """Gives every batch norm non-trivial statistics and a non-zero beta."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            c = layer.get_weights()[0].shape[0]
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, c),
+                    rng.uniform(0.2, 0.8, c),
+                    rng.normal(0, 0.1, c),
+                    rng.uniform(0.5, 1.5, c),
+                ]
+            )
+
+
+def small_cnn(input_shape=(10, 10, 3), widths=(8, 16, 12), classes=5, seed=0):
+    """conv-bn-relu, conv-bn-relu-pool, conv(stride 2, no bias)-bn-relu,
+    global average pooling, dense."""
+    keras.utils.set_random_seed(seed)
+    layers = keras.layers
+    model = keras.Sequential(
+        [
+            keras.Input(input_shape),
+            layers.Conv2D(widths[0], 3, padding="same"),
+            layers.BatchNormalization(),
+            layers.ReLU(),
+            layers.Conv2D(widths[1], 3, padding="same"),
+            layers.BatchNormalization(),
+            layers.Activation("relu"),
+            layers.MaxPooling2D(),
+            layers.Conv2D(
+                widths[2], 3, strides=2, padding="same", use_bias=False
+            ),
+            layers.BatchNormalization(),
+            layers.ReLU(),
+            layers.GlobalAveragePooling2D(),
+            layers.Dropout(0.3),
+            layers.Dense(classes),
+        ]
+    )
+    randomize_batch_norm(model, seed)
+    return model
+
+
+def np_small_cnn(model, x, actions, groups):
+    """NumPy reference of `small_cnn` under per-image actions `[B, 2]`:
+    each gated unit's output keeps the first `a * C / groups` channels."""
+    conv0, bn0, _, conv1, bn1, _, _, conv2, bn2, _, _, _, dense = model.layers
+
+    def mask(y, a):
+        c = y.shape[-1]
+        keep = np.arange(c)[None, :] < (a * c // groups)[:, None]
+        return y * keep[:, None, None, :]
+
+    y = np.maximum(
+        np_batch_norm(np_conv2d(x, *conv0.get_weights(), padding="same"), bn0),
+        0,
+    )
+    y = np.maximum(
+        np_batch_norm(np_conv2d(y, *conv1.get_weights(), padding="same"), bn1),
+        0,
+    )
+    y = mask(np_max_pool(y), actions[:, 0])
+    y = np.maximum(
+        np_batch_norm(
+            np_conv2d(y, conv2.get_weights()[0], strides=2, padding="same"), bn2
+        ),
+        0,
+    )
+    y = mask(y, actions[:, 1]).mean(axis=(1, 2))
+    kernel, bias = dense.get_weights()
+    return y @ kernel + bias

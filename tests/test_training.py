@@ -1,0 +1,227 @@
+"""Algorithm 1 inside fit(): Q-learning numbers, alternation, learning."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import small_cnn
+
+import keras_rnp
+
+
+def data(n=32, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 10, 10, 3)).astype("float32")
+    return x, rng.integers(0, 5, size=n)
+
+
+def weights(variables):
+    return [v.numpy().copy() for v in variables]
+
+
+def changed(before, variables):
+    return any(
+        not np.array_equal(b, v.numpy())
+        for b, v in zip(before, variables, strict=True)
+    )
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.5])
+def test_q_learning_loss_matches_numpy(gamma):
+    rnp = keras_rnp.wrap(small_cnn(), groups=4, penalty=0.2, gamma=gamma)
+    rnp.compile()
+    rng = np.random.default_rng(0)
+    batch, steps, k = 3, 2, 4
+    q = rng.normal(size=(batch, steps, k)).astype("float32")
+    actions = np.array([[1, 4], [2, 2], [4, 3]])
+    logits = rng.normal(size=(batch, 5)).astype("float32")
+    y = np.array([0, 3, 4])
+    loss, ret = rnp._q_learning_loss(
+        tf.constant(y),
+        tf.constant(logits),
+        tf.constant(actions, tf.int32),
+        tf.constant(q),
+    )
+    # Reference.
+    shifted = logits - logits.max(1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+    cls = -log_p[np.arange(batch), y]
+    alpha = 1.0 / cls.mean()  # first step: running mean = batch mean
+    rewards = -0.2 * (actions - 1.0)
+    rewards[:, -1] += -alpha * cls
+    targets = rewards.copy()
+    targets[:, 0] += gamma * q[:, 1].max(-1)
+    taken = np.take_along_axis(q, actions[..., None] - 1, axis=2)[..., 0]
+    np.testing.assert_allclose(
+        float(loss), np.mean((targets - taken) ** 2), rtol=1e-5
+    )
+    np.testing.assert_allclose(float(ret), rewards.sum(1).mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(rnp.alpha()), alpha, rtol=1e-5)
+
+
+def test_flops_penalty_weights_layers_by_their_share():
+    rnp = keras_rnp.wrap(small_cnn(), groups=4, penalty_mode="flops")
+    flops = np.array([unit.full_flops for unit in rnp._plan.units])
+    weights = flops / flops.sum() * 2
+    np.testing.assert_allclose(
+        rnp._action_cost.numpy(),
+        weights[:, None] * np.arange(4)[None, :],
+        rtol=1e-6,
+    )
+
+
+def test_alpha_tracks_running_mean_of_classification_loss():
+    rnp = keras_rnp.wrap(small_cnn(), groups=4, alpha_momentum=0.5)
+    rnp.compile()
+    rnp._recalibrate_alpha(tf.constant([2.0, 2.0]))
+    assert float(rnp.alpha()) == pytest.approx(0.5)
+    rnp._recalibrate_alpha(tf.constant([4.0]))
+    assert float(rnp.alpha()) == pytest.approx(1 / 3.0)
+
+
+def test_fit_alternates_phases_and_freezes_the_other_network():
+    x, y = data(40)
+    rnp = keras_rnp.wrap(
+        small_cnn(),
+        groups=4,
+        decision_steps=3,
+        backbone_steps=2,
+        epsilon_decay_steps=4,
+        seed=0,
+    )
+    rnp.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        decision_optimizer=keras.optimizers.SGD(0.1),
+    )
+    backbone_vars = rnp.backbone.trainable_variables
+    decision_vars = rnp.decision.trainable_variables
+
+    # Steps 1-3: decision phase, backbone frozen.
+    b0, d0 = weights(backbone_vars), weights(decision_vars)
+    rnp.fit(x[:24], y[:24], batch_size=8, epochs=1, shuffle=False, verbose=0)
+    assert not changed(b0, backbone_vars)
+    assert changed(d0, decision_vars)
+    assert int(rnp.decision_step_counter) == 3
+    # Steps 4-5: backbone phase, decision network frozen.
+    b1, d1 = weights(backbone_vars), weights(decision_vars)
+    rnp.fit(x[:16], y[:16], batch_size=8, epochs=1, shuffle=False, verbose=0)
+    assert changed(b1, backbone_vars)
+    assert not changed(d1, decision_vars)
+    assert int(rnp.optimizer.iterations) == 2
+    # Round 2 starts with decision steps again; epsilon has reached its end.
+    rnp.fit(x[:8], y[:8], batch_size=8, epochs=1, verbose=0)
+    assert int(rnp.step_counter) == 6
+    assert int(rnp.decision_step_counter) == 4
+    assert float(rnp.epsilon()) == pytest.approx(0.1)
+
+
+def test_history_reports_losses_reward_epsilon_and_flops():
+    x, y = data(32)
+    rnp = keras_rnp.wrap(
+        small_cnn(),
+        groups=4,
+        decision_steps=2,
+        backbone_steps=2,
+        epsilon_decay_steps=100,
+    )
+    rnp.compile(optimizer="adam")
+    history = rnp.fit(
+        x, y, batch_size=8, epochs=2, verbose=0, validation_data=(x, y)
+    )
+    logs = history.history
+    for name in [
+        "loss",
+        "accuracy",
+        "q_loss",
+        "reward",
+        "epsilon",
+        "flops_ratio",
+        "val_loss",
+        "val_accuracy",
+        "val_flops_ratio",
+    ]:
+        assert name in logs and len(logs[name]) == 2, name
+    assert "val_q_loss" not in logs
+    # Epoch 1 saw decision steps 0 and 1 (epsilon 1.0, 0.991).
+    assert logs["epsilon"][0] == pytest.approx((1.0 + 0.991) / 2, rel=1e-5)
+    assert all(r <= 0 for r in logs["reward"])
+    assert all(0 < f <= 1.0 + 1e-6 for f in logs["flops_ratio"])
+    evaluation = rnp.evaluate(x, y, verbose=0, return_dict=True)
+    greedy = rnp.run(x)
+    np.testing.assert_allclose(
+        evaluation["flops_ratio"],
+        np.mean(greedy["flops"] / rnp.full_flops),
+        rtol=1e-5,
+    )
+    accuracy = np.mean(greedy["logits"].numpy().argmax(1) == y)
+    assert evaluation["accuracy"] == pytest.approx(accuracy)
+
+
+def easy_hard_task(n, rng, size=12):
+    """Half the images are easy (a nearly constant bright image, class 0),
+    half are hard (one of four noisy templates, classes 1-4)."""
+    templates = np.random.default_rng(7).normal(size=(4, size, size, 1))
+    y = np.where(rng.random(n) < 0.5, 0, rng.integers(1, 5, n))
+    x = np.where(
+        (y == 0)[:, None, None, None],
+        2.0 + 0.05 * rng.normal(size=(n, size, size, 1)),
+        templates[np.maximum(y - 1, 0)]
+        + 0.8 * rng.normal(size=(n, size, size, 1)),
+    )
+    return x.astype("float32"), y
+
+
+def test_it_learns_to_spend_less_on_easy_images():
+    keras.utils.set_random_seed(1)
+    rng = np.random.default_rng(0)
+    x, y = easy_hard_task(2000, rng)
+    x_test, y_test = easy_hard_task(400, rng)
+    layers = keras.layers
+    backbone = keras.Sequential(
+        [
+            keras.Input((12, 12, 1)),
+            layers.Conv2D(16, 3, padding="same"),
+            layers.BatchNormalization(),
+            layers.ReLU(),
+            layers.Conv2D(32, 3, padding="same"),
+            layers.BatchNormalization(),
+            layers.ReLU(),
+            layers.MaxPooling2D(),
+            layers.Conv2D(32, 3, padding="same"),
+            layers.BatchNormalization(),
+            layers.ReLU(),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(5),
+        ]
+    )
+    backbone.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    backbone.fit(x, y, batch_size=64, epochs=10, verbose=0)
+    full_accuracy = backbone.evaluate(x_test, y_test, verbose=0)[1]
+    assert full_accuracy > 0.95
+
+    rnp = keras_rnp.wrap(
+        backbone,
+        groups=4,
+        penalty=0.1,
+        decision_steps=20,
+        backbone_steps=10,
+        epsilon_decay_steps=100,
+        seed=0,
+    )
+    rnp.compile(
+        optimizer=keras.optimizers.Adam(1e-4),
+        decision_optimizer=keras.optimizers.Adam(3e-3),
+    )
+    rnp.fit(x, y, batch_size=64, epochs=6, verbose=0)
+
+    out = rnp.run(x_test)
+    mean_action = out["actions"].numpy().mean(axis=1)
+    easy, hard = y_test == 0, y_test > 0
+    accuracy = np.mean(out["logits"].numpy().argmax(1) == y_test)
+    assert mean_action[easy].mean() <= mean_action[hard].mean() - 1.0
+    assert accuracy >= full_accuracy - 0.05
+    assert out["flops"].numpy()[easy].mean() < out["flops"].numpy()[hard].mean()
