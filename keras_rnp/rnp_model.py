@@ -40,6 +40,10 @@ class RNPModel(keras.Model):
         epsilon_end: exploration rate from `epsilon_decay_steps` on.
         epsilon_decay_steps: decision steps over which epsilon falls
             linearly from `epsilon_start` to `epsilon_end`.
+        backbone_epsilon: exploration rate of the actions under which the
+            backbone is fine-tuned. 0 (the paper) fine-tunes under the
+            greedy decisions only; a small rate keeps the backbone good at
+            the widths the policy does not currently choose.
         decision_steps: `N1`, decision-network updates per round.
         backbone_steps: `N2`, backbone updates per round (0 keeps the
             backbone frozen).
@@ -71,6 +75,7 @@ class RNPModel(keras.Model):
         epsilon_start=1.0,
         epsilon_end=0.1,
         epsilon_decay_steps=1000,
+        backbone_epsilon=0.0,
         decision_steps=100,
         backbone_steps=100,
         code_dim=32,
@@ -95,6 +100,7 @@ class RNPModel(keras.Model):
         _check_number("epsilon_start", epsilon_start, 0.0, 1.0)
         _check_number("epsilon_end", epsilon_end, 0.0, 1.0)
         _check_int("epsilon_decay_steps", epsilon_decay_steps, minimum=0)
+        _check_number("backbone_epsilon", backbone_epsilon, 0.0, 1.0)
         _check_int("decision_steps", decision_steps, minimum=0)
         _check_int("backbone_steps", backbone_steps, minimum=0)
         if decision_steps + backbone_steps == 0:
@@ -115,6 +121,7 @@ class RNPModel(keras.Model):
         self.epsilon_start = float(epsilon_start)
         self.epsilon_end = float(epsilon_end)
         self.epsilon_decay_steps = int(epsilon_decay_steps)
+        self.backbone_epsilon = float(backbone_epsilon)
         self.decision_steps = int(decision_steps)
         self.backbone_steps = int(backbone_steps)
         self.code_dim = int(code_dim)
@@ -493,9 +500,12 @@ class RNPModel(keras.Model):
         self.loss_ema.assign(momentum * self.loss_ema + (1 - momentum) * mean)
 
     def _backbone_step(self, x, y, sample_weight):
-        """One fine-tuning update of the backbone under greedy decisions."""
+        """One fine-tuning update of the backbone under the decisions."""
+        epsilon = self.backbone_epsilon or None
         with tf.GradientTape() as tape:
-            logits, actions, _ = self._forward(x, training=True)
+            logits, actions, _ = self._forward(
+                x, epsilon=epsilon, training=True
+            )
             loss = self.compute_loss(
                 x=x,
                 y=y,
@@ -551,6 +561,7 @@ class RNPModel(keras.Model):
             "epsilon_start": self.epsilon_start,
             "epsilon_end": self.epsilon_end,
             "epsilon_decay_steps": self.epsilon_decay_steps,
+            "backbone_epsilon": self.backbone_epsilon,
             "decision_steps": self.decision_steps,
             "backbone_steps": self.backbone_steps,
             "code_dim": self.code_dim,

@@ -225,3 +225,29 @@ def test_it_learns_to_spend_less_on_easy_images():
     assert mean_action[easy].mean() <= mean_action[hard].mean() - 1.0
     assert accuracy >= full_accuracy - 0.05
     assert out["flops"].numpy()[easy].mean() < out["flops"].numpy()[hard].mean()
+
+
+@pytest.mark.parametrize("backbone_epsilon", [0.0, 1.0])
+def test_backbone_is_fine_tuned_under_greedy_or_exploring_actions(
+    backbone_epsilon,
+):
+    x, y = data(64)
+    rnp = keras_rnp.wrap(
+        small_cnn(),
+        groups=4,
+        decision_steps=0,
+        backbone_steps=1,
+        backbone_epsilon=backbone_epsilon,
+        seed=0,
+    )
+    rnp.compile(optimizer=keras.optimizers.SGD(0.0))
+    # Greedy decisions on training-mode features (batch-norm batch stats).
+    _, actions, _ = rnp._forward(x, training=True)
+    greedy = rnp.flops_from_actions(actions).numpy() / rnp.full_flops
+    logs = rnp.fit(x, y, batch_size=64, epochs=1, verbose=0).history
+    if backbone_epsilon == 0.0:
+        assert logs["flops_ratio"][0] == pytest.approx(greedy.mean())
+    else:
+        # Uniform random actions: each image's cost differs from greedy.
+        assert logs["flops_ratio"][0] != pytest.approx(greedy.mean())
+        assert int(rnp.decision_step_counter) == 0
