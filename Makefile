@@ -20,11 +20,13 @@ quickstart: $(STAMP)
 	$(BIN)/python examples/quickstart.py
 
 test: $(STAMP)
-	$(BIN)/ruff check keras_rnp examples converters tests
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
 lint: $(STAMP)
-	$(BIN)/ruff check keras_rnp examples converters tests
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
