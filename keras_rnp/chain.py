@@ -179,6 +179,7 @@ class GatedUnit:
     in_gated: bool
     full_flops: float
     output_shape: tuple
+    conv_output_hw: tuple
 
     def active_fraction_in(self, previous_action):
         """Fraction of input channels active, given the previous action."""
@@ -224,6 +225,68 @@ class GatedUnit:
             y = layer(y, training=training)
         return y * tf.cast(self.channel_mask(action), y.dtype)
 
+    def call_sliced(self, x, in_active, out_active):
+        """Inference on the active channels only: a smaller convolution.
+
+        Computes `kernel[:, :, :in_active, :out_active]` on the first
+        `in_active` input channels, with batch norm folded into it where it
+        directly follows a linear convolution, then the tail on the
+        `out_active` computed channels. Dropout is skipped (inference).
+
+        Args:
+            x: `[B, H, W, C]` with `C >= in_active`; channels past
+                `in_active` are ignored.
+            in_active: input channels to read (a Python int).
+            out_active: output channels to compute (a Python int).
+
+        Returns:
+            `[B, H', W', out_active]`, equal (up to rounding) to the first
+            `out_active` channels of `call_masked` in inference mode.
+
+        Do not call it on an empty batch: with oneDNN (TensorFlow 2.21, CPU)
+        a convolution on an empty batch returns a tensor of the wrong shape,
+        which no later reshape in the graph repairs.
+        """
+        conv = self.conv
+        if x.shape[-1] != in_active:
+            x = x[..., :in_active]
+        kernel = conv.kernel[:, :, :in_active, :out_active]
+        bias = conv.bias[:out_active] if conv.use_bias else None
+        tail = list(self.tail)
+        linear = _activation_name(conv) == "linear"
+        if linear and tail and isinstance(tail[0], _L.BatchNormalization):
+            scale, offset = _batch_norm_affine(tail.pop(0), out_active)
+            kernel = kernel * scale
+            bias = offset if bias is None else bias * scale + offset
+        y = tf.nn.conv2d(
+            x,
+            kernel,
+            strides=conv.strides,
+            padding=conv.padding.upper(),
+            dilations=conv.dilation_rate,
+        )
+        if bias is not None:
+            y = tf.nn.bias_add(y, bias)
+        y = conv.activation(y)
+        for layer in tail:
+            if isinstance(layer, _L.BatchNormalization):
+                scale, offset = _batch_norm_affine(layer, out_active)
+                y = y * scale + offset
+            elif not isinstance(layer, _L.Dropout):
+                y = layer(y, training=False)
+        return y
+
+
+def _batch_norm_affine(layer, channels):
+    """Inference batch norm on the first `channels` as `y * scale + offset`."""
+    scale = tf.math.rsqrt(layer.moving_variance[:channels] + layer.epsilon)
+    if layer.scale:
+        scale = scale * layer.gamma[:channels]
+    offset = -layer.moving_mean[:channels] * scale
+    if layer.center:
+        offset = offset + layer.beta[:channels]
+    return scale, offset
+
 
 @dataclasses.dataclass
 class ChainPlan:
@@ -247,6 +310,46 @@ class ChainPlan:
             + self.head_flops
             + self.head_gated_flops
         )
+
+    def call_head(self, x, training=False):
+        for layer in self.head:
+            x = layer(x, training=training)
+        return x
+
+    def call_head_sliced(self, y, active):
+        """The head on the last unit's `active` computed channels.
+
+        The first dense layer reads only the rows of its kernel that belong
+        to those channels. Where no dense layer reads the gated channels
+        directly, the channels are padded back with zeros instead.
+        """
+        if not self.head_gated_flops:
+            full = self.units[-1].out_channels
+            y = tf.pad(y, [[0, 0], [0, 0], [0, 0], [0, full - active]])
+            return self.call_head(y)
+        reducer, rest = self.head[0], self.head[1:]
+        index = next(
+            i for i, layer in enumerate(rest) if isinstance(layer, _L.Dense)
+        )
+        dense, rest = rest[index], rest[index + 1 :]
+        kernel = dense.kernel
+        if isinstance(reducer, _L.Flatten):
+            height, width = y.shape[1:3]
+            y = tf.reshape(y, [-1, height * width * active])
+            kernel = tf.reshape(kernel, [height, width, -1, dense.units])
+            kernel = tf.reshape(
+                kernel[:, :, :active], [height * width * active, dense.units]
+            )
+        else:
+            y = reducer(y)
+            kernel = kernel[:active]
+        y = tf.matmul(y, kernel)
+        if dense.use_bias:
+            y = tf.nn.bias_add(y, dense.bias)
+        y = dense.activation(y)
+        for layer in rest:
+            y = layer(y, training=False)
+        return y
 
 
 def plan_chain(model, groups, gate_first=False):
@@ -317,6 +420,7 @@ def plan_chain(model, groups, gate_first=False):
                         in_gated=previous_gated,
                         full_flops=cost,
                         output_shape=tuple(out_shape[1:]),
+                        conv_output_hw=tuple(out_shape[1:3]),
                     )
                 )
                 section, previous_gated = "unit", True

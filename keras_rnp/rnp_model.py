@@ -1,6 +1,7 @@
 """RNPModel: a chain CNN with runtime channel pruning and its training."""
 
 import math
+import weakref
 
 import keras
 import numpy as np
@@ -11,6 +12,9 @@ from keras_rnp.decision_network import DecisionNetwork
 from keras_rnp.schedules import linearly_decaying_epsilon
 
 PENALTY_MODES = ("flat", "flops")
+# Compiled run() functions, kept outside the models so that they are not
+# tracked (and saved) as part of them.
+_RUN_FUNCTIONS = weakref.WeakKeyDictionary()
 
 
 @keras.saving.register_keras_serializable(package="keras_rnp")
@@ -155,6 +159,10 @@ class RNPModel(keras.Model):
         self._action_cost = tf.constant(
             weights[:, None] * np.arange(self.groups)[None, :], tf.float32
         )
+        self._output_shape = tuple(backbone.outputs[0].shape)
+        # Inference skips empty action groups with tf.cond; graphs for
+        # runtimes that run empty batches correctly may turn this off.
+        self._skip_empty_groups = True
         self._seed_generator = keras.random.SeedGenerator(seed)
         # Training state, saved with the model.
         self.step_counter = self.add_weight(
@@ -226,7 +234,13 @@ class RNPModel(keras.Model):
     # Forward pass.
 
     def _forward(
-        self, images, actions=None, budget=0.0, epsilon=None, training=False
+        self,
+        images,
+        actions=None,
+        budget=0.0,
+        epsilon=None,
+        training=False,
+        sliced=False,
     ):
         """Runs the network, deciding layer by layer.
 
@@ -236,6 +250,8 @@ class RNPModel(keras.Model):
             budget: scalar or `[B]` budget weight for greedy decisions.
             epsilon: None for greedy decisions, else the exploration rate.
             training: passed to the backbone's layers.
+            sliced: compute only the active channels (inference); else run
+                every channel and zero the skipped ones (training).
 
         Returns:
             `(outputs, actions [B, L] int32, q_values [B, L, k])`.
@@ -247,6 +263,8 @@ class RNPModel(keras.Model):
         budget = tf.broadcast_to(tf.cast(budget, tf.float32), [batch])
         state = self.decision.initial_state(batch)
         taken, q_values = [], []
+        previous = None
+        last = len(self._plan.units) - 1
         for t, unit in enumerate(self._plan.units):
             q, state = self.decision.step(t, tf.stop_gradient(x), state)
             q_values.append(q)
@@ -258,10 +276,64 @@ class RNPModel(keras.Model):
                 if epsilon is not None:
                     action = self._explore(action, epsilon)
             taken.append(action)
-            x = unit.call_masked(x, action, training=training)
-        for layer in self._plan.head:
-            x = layer(x, training=training)
+            if sliced:
+                x = self._call_unit_sliced(unit, x, previous, action, t == last)
+            else:
+                x = unit.call_masked(x, action, training=training)
+            previous = action
+        if not sliced:
+            x = self._plan.call_head(x, training=training)
         return x, tf.stack(taken, axis=1), tf.stack(q_values, axis=1)
+
+    def _call_unit_sliced(self, unit, x, previous, action, with_head):
+        """Runs a gated unit on its active channels, image group by group.
+
+        Images are grouped by (previous action, action), so each group runs
+        one smaller dense convolution on exactly the channels its images
+        use: the work done is the work `flops_from_actions` counts. Outputs
+        are padded back to full width with zeros for the next layer, or, for
+        the last unit, go through the head's sliced dense layer.
+        """
+        k = self.groups
+        if unit.in_gated:
+            key = (previous - 1) * k + (action - 1)
+            pairs = [(i, o) for i in range(1, k + 1) for o in range(1, k + 1)]
+        else:
+            key = action - 1
+            pairs = [(None, o) for o in range(1, k + 1)]
+        parts = tf.dynamic_partition(x, key, len(pairs))
+        positions = tf.dynamic_partition(
+            tf.range(tf.shape(x)[0]), key, len(pairs)
+        )
+        if with_head:
+            output_shape = self._output_shape[1:]
+        else:
+            output_shape = unit.output_shape
+        outputs = []
+        for (a_in, a_out), part in zip(pairs, parts, strict=True):
+            active_in = (
+                unit.in_channels
+                if a_in is None
+                else a_in * (unit.in_channels // k)
+            )
+            active_out = a_out * (unit.out_channels // k)
+
+            def compute(part=part, active_in=active_in, active_out=active_out):
+                y = unit.call_sliced(part, active_in, active_out)
+                if with_head:
+                    return self._plan.call_head_sliced(y, active_out)
+                padding = unit.out_channels - active_out
+                return tf.pad(y, [[0, 0], [0, 0], [0, 0], [0, padding]])
+
+            if self._skip_empty_groups:
+                # An empty group must not reach the convolution (see
+                # GatedUnit.call_sliced); skipping it also saves the call.
+                empty = tf.zeros([0, *output_shape], x.dtype)
+                y = tf.cond(tf.size(part) > 0, compute, lambda e=empty: e)
+            else:
+                y = compute()
+            outputs.append(y)
+        return tf.dynamic_stitch(positions, outputs)
 
     def _explore(self, greedy, epsilon):
         shape = tf.shape(greedy)
@@ -276,7 +348,9 @@ class RNPModel(keras.Model):
         return tf.where(explore < epsilon, random, greedy)
 
     def call(self, inputs, training=False):
-        outputs, _, _ = self._forward(inputs, training=training)
+        outputs, _, _ = self._forward(
+            inputs, training=training, sliced=not training
+        )
         return outputs
 
     def run(self, images, actions=None, budget=0.0):
@@ -309,8 +383,31 @@ class RNPModel(keras.Model):
         if actions is not None:
             actions = self._check_actions(actions, batch)
         budget = _check_budget(budget, batch)
+        if batch == 0:
+            # oneDNN convolutions mis-shape empty batches; nothing to run.
+            return self._empty_outputs()
+        budget = tf.broadcast_to(budget, [batch])
+        if actions is None:
+            return self._run_function(forced=False)(images, budget)
+        return self._run_function(forced=True)(images, actions, budget)
+
+    def _empty_outputs(self):
+        steps, groups = self.num_gated_layers, self.groups
+        return {
+            "logits": tf.zeros((0, *self._output_shape[1:]), tf.float32),
+            "actions": tf.zeros((0, steps), tf.int32),
+            "flops": tf.zeros((0,), tf.float32),
+            "q_values": tf.zeros((0, steps, groups), tf.float32),
+        }
+
+    def infer(self, images, actions=None, budget=0.0):
+        """`run()` without input checks, as graph-friendly tensors.
+
+        Computes only the active channel groups. Used by `run()` and the
+        exporters; call `run()` unless you trace your own function.
+        """
         outputs, taken, q_values = self._forward(
-            images, actions=actions, budget=budget
+            images, actions=actions, budget=budget, sliced=True
         )
         return {
             "logits": outputs,
@@ -318,6 +415,29 @@ class RNPModel(keras.Model):
             "flops": self.flops_from_actions(taken),
             "q_values": q_values,
         }
+
+    def _run_function(self, forced):
+        """`infer` compiled once for any batch size."""
+        functions = _RUN_FUNCTIONS.setdefault(self, {})
+        if forced not in functions:
+            images = tf.TensorSpec(
+                (None, *self._plan.input_shape), self.compute_dtype
+            )
+            budget = tf.TensorSpec((None,), tf.float32)
+            if forced:
+                actions = tf.TensorSpec((None, self.num_gated_layers), "int32")
+                functions[forced] = tf.function(
+                    lambda images, actions, budget: self.infer(
+                        images, actions=actions, budget=budget
+                    ),
+                    input_signature=[images, actions, budget],
+                )
+            else:
+                functions[forced] = tf.function(
+                    lambda images, budget: self.infer(images, budget=budget),
+                    input_signature=[images, budget],
+                )
+        return functions[forced]
 
     def _check_images(self, images):
         images = tf.convert_to_tensor(images)
@@ -537,7 +657,7 @@ class RNPModel(keras.Model):
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        logits, actions, _ = self._forward(x, training=False)
+        logits, actions, _ = self._forward(x, sliced=True)
         self._update_metrics(x, y, logits, actions, sample_weight)
         decision_only = ("q_loss", "reward", "epsilon")
         return {

@@ -35,14 +35,38 @@ def test_full_actions_equal_backbone(rnp, backbone, images):
     np.testing.assert_array_equal(out["actions"], 4)
 
 
-def test_forced_per_image_actions_match_numpy_reference(rnp, images):
+@pytest.mark.parametrize("sliced", [True, False])
+def test_forced_per_image_actions_match_numpy_reference(rnp, images, sliced):
+    # sliced: the inference path (smaller convolutions on the active
+    # channels); masked: the training path (full convolutions, zeroed).
     actions = np.array([[1, 1], [1, 4], [2, 3], [3, 2], [4, 1], [4, 4]])
-    out = rnp.run(images, actions=actions)
+    logits, taken, _ = rnp._forward(
+        tf.constant(images), actions=tf.constant(actions), sliced=sliced
+    )
     expected = np_small_cnn(
         rnp.backbone, images.astype("float64"), actions, groups=4
     )
-    np.testing.assert_allclose(out["logits"], expected, rtol=1e-4, atol=1e-4)
-    np.testing.assert_array_equal(out["actions"], actions)
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(taken, actions)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 33])
+def test_sliced_inference_equals_masked_with_empty_groups(rnp, batch):
+    # Most (previous action, action) groups are empty at these sizes.
+    rng = np.random.default_rng(batch)
+    x = rng.normal(size=(batch, 10, 10, 3)).astype("float32")
+    actions = rng.integers(1, 5, size=(batch, 2))
+    out = rnp.run(x, actions=actions)
+    masked, _, _ = rnp._forward(tf.constant(x), actions=tf.constant(actions))
+    np.testing.assert_allclose(out["logits"], masked, rtol=1e-5, atol=1e-5)
+    assert out["logits"].shape == (batch, 5)
+
+
+def test_empty_batch_gives_empty_outputs(rnp):
+    out = rnp.run(np.zeros((0, 10, 10, 3), "float32"))
+    assert out["logits"].shape == (0, 5)
+    assert out["actions"].shape == (0, 2)
+    assert out["flops"].shape == (0,)
 
 
 def test_skipped_channels_are_exactly_zero_after_bn_and_activation(rnp, images):
