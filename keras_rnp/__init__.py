@@ -1,6 +1,8 @@
 """keras_rnp: Runtime Neural Pruning (Lin et al., NeurIPS 2017) for Keras 3."""
 
 from keras_rnp.decision_network import DecisionNetwork
+from keras_rnp.export import export_onnx
+from keras_rnp.export import export_saved_model
 from keras_rnp.flops import count_flops
 from keras_rnp.rnp_model import RNPModel
 from keras_rnp.schedules import linearly_decaying_epsilon
@@ -13,6 +15,8 @@ __all__ = [
     "DecisionNetwork",
     "RNPModel",
     "count_flops",
+    "export_onnx",
+    "export_saved_model",
     "linearly_decaying_epsilon",
     "strip",
     "wrap",

@@ -156,10 +156,14 @@ class RNPModel(keras.Model):
         else:
             weights = np.ones(len(units))
         # cost_t(a) = w_t * (a - 1): what the penalty charges for action a.
-        self._action_cost = tf.constant(
-            weights[:, None] * np.arange(self.groups)[None, :], tf.float32
-        )
+        # A NumPy array, so that traced functions embed it as a constant
+        # (a captured eager tensor would become an input of exported graphs).
+        self.action_cost = (
+            weights[:, None] * np.arange(self.groups)[None, :]
+        ).astype("float32")
         self._output_shape = tuple(backbone.outputs[0].shape)
+        # Whether the backbone outputs probabilities rather than logits.
+        self.ends_in_softmax = _ends_in_softmax(self._plan.head)
         # Inference skips empty action groups with tf.cond; graphs for
         # runtimes that run empty batches correctly may turn this off.
         self._skip_empty_groups = True
@@ -271,7 +275,7 @@ class RNPModel(keras.Model):
             if actions is not None:
                 action = tf.cast(actions[:, t], tf.int32)
             else:
-                scores = q - budget[:, None] * self._action_cost[t][None, :]
+                scores = q - budget[:, None] * self.action_cost[t][None, :]
                 action = tf.argmax(scores, axis=-1, output_type=tf.int32) + 1
                 if epsilon is not None:
                     action = self._explore(action, epsilon)
@@ -500,7 +504,7 @@ class RNPModel(keras.Model):
         """
         if loss is None:
             loss = keras.losses.SparseCategoricalCrossentropy(
-                from_logits=not _ends_in_softmax(self._plan.head)
+                from_logits=not self.ends_in_softmax
             )
         if metrics is None:
             metrics = ["accuracy"]
@@ -596,7 +600,9 @@ class RNPModel(keras.Model):
         cls_loss = tf.cast(self._per_sample_loss(y, logits), tf.float32)
         self._recalibrate_alpha(cls_loss)
         index = actions - 1
-        rewards = -self.penalty * _gather_per_layer(self._action_cost, index)
+        rewards = -self.penalty * _gather_per_layer(
+            tf.constant(self.action_cost), index
+        )
         final = (
             tf.one_hot(self.num_gated_layers - 1, self.num_gated_layers)[
                 None, :

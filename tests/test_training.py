@@ -64,7 +64,7 @@ def test_flops_penalty_weights_layers_by_their_share():
     flops = np.array([unit.full_flops for unit in rnp._plan.units])
     weights = flops / flops.sum() * 2
     np.testing.assert_allclose(
-        rnp._action_cost.numpy(),
+        rnp.action_cost,
         weights[:, None] * np.arange(4)[None, :],
         rtol=1e-6,
     )

@@ -1,0 +1,225 @@
+"""SavedModel and ONNX exports: parity with Keras, layout, atomic writes."""
+
+import os
+import subprocess
+
+import keras
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tensorflow as tf
+from helpers import small_cnn
+
+import keras_rnp
+
+L = keras.layers
+
+
+@pytest.fixture(scope="module")
+def rnp():
+    model = keras_rnp.wrap(small_cnn(), groups=4, seed=0)
+    # Spread the decisions: a decoder bias per action, random weights.
+    rng = np.random.default_rng(0)
+    for decoder in model.decision.decoders:
+        kernel, bias = decoder.get_weights()
+        decoder.set_weights(
+            [rng.normal(0, 1.0, kernel.shape), rng.normal(0, 0.1, bias.shape)]
+        )
+    return model
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(1)
+    return rng.normal(size=(9, 10, 10, 3)).astype("float32")
+
+
+@pytest.fixture(scope="module")
+def saved_model(rnp, tmp_path_factory):
+    base = tmp_path_factory.mktemp("serving") / "rnp"
+    path = keras_rnp.export_saved_model(rnp, base)
+    return base, path
+
+
+@pytest.fixture(scope="module")
+def onnx_session(rnp, tmp_path_factory):
+    path = tmp_path_factory.mktemp("onnx") / "rnp.onnx"
+    keras_rnp.export_onnx(rnp, path)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(
+        str(path), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def onnx_run(session, images, budget=None):
+    feeds = {"images": images}
+    if budget is not None:
+        feeds["budget"] = np.asarray(budget, np.float32)
+    names = [output.name for output in session.get_outputs()]
+    return dict(zip(names, session.run(None, feeds), strict=True))
+
+
+def test_saved_model_layout_for_tf_serving(saved_model):
+    base, path = saved_model
+    assert os.listdir(base) == ["1"]
+    assert os.path.exists(os.path.join(path, "saved_model.pb"))
+    loaded = tf.saved_model.load(path)
+    assert set(loaded.signatures) == {"serving_default", "serving_budget"}
+    inputs = loaded.signatures["serving_budget"].structured_input_signature
+    assert set(inputs[1]) == {"images", "budget"}
+    outputs = loaded.signatures["serving_default"].structured_outputs
+    assert set(outputs) == {"logits", "probabilities", "actions", "flops"}
+    assert outputs["actions"].dtype == tf.int32
+
+
+def test_saved_model_cli_lists_both_signatures(saved_model):
+    cli = os.path.join(
+        os.path.dirname(os.path.abspath(tf.__file__)),
+        "..",
+        "..",
+        "..",
+        "..",
+        "bin",
+        "saved_model_cli",
+    )
+    if not os.path.exists(cli):
+        pytest.skip("saved_model_cli is not installed beside tensorflow")
+    shown = subprocess.run(
+        [cli, "show", "--dir", saved_model[1], "--all"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "signature_def['serving_default']" in shown
+    assert "signature_def['serving_budget']" in shown
+
+
+@pytest.mark.parametrize("batch", [1, 9])
+def test_saved_model_matches_keras(rnp, images, saved_model, batch):
+    loaded = tf.saved_model.load(saved_model[1])
+    x = images[:batch]
+    expected = rnp.run(x)
+    out = loaded.signatures["serving_default"](images=tf.constant(x))
+    np.testing.assert_allclose(out["logits"], expected["logits"], atol=1e-4)
+    np.testing.assert_array_equal(out["actions"], expected["actions"])
+    np.testing.assert_allclose(out["flops"], expected["flops"], rtol=1e-6)
+    np.testing.assert_allclose(
+        out["probabilities"], tf.nn.softmax(expected["logits"]), atol=1e-5
+    )
+    budget = np.linspace(0, 2, batch).astype("float32")
+    expected = rnp.run(x, budget=budget)
+    out = loaded.signatures["serving_budget"](
+        images=tf.constant(x), budget=tf.constant(budget)
+    )
+    np.testing.assert_array_equal(out["actions"], expected["actions"])
+    np.testing.assert_allclose(out["logits"], expected["logits"], atol=1e-4)
+
+
+def test_saved_model_empty_batch(saved_model):
+    loaded = tf.saved_model.load(saved_model[1])
+    out = loaded.signatures["serving_default"](images=tf.zeros((0, 10, 10, 3)))
+    assert out["logits"].shape == (0, 5)
+    assert out["actions"].shape == (0, 2)
+
+
+@pytest.mark.parametrize("batch", [1, 9])
+def test_onnx_matches_keras(rnp, images, onnx_session, batch):
+    x = images[:batch]
+    expected = rnp.run(x)
+    out = onnx_run(onnx_session, x)
+    np.testing.assert_allclose(out["logits"], expected["logits"], atol=1e-4)
+    np.testing.assert_array_equal(out["actions"], expected["actions"])
+    assert out["actions"].dtype == np.int32
+    np.testing.assert_allclose(out["flops"], expected["flops"], rtol=1e-6)
+    budget = np.linspace(0, 2, batch).astype("float32")
+    expected = rnp.run(x, budget=budget)
+    out = onnx_run(onnx_session, x, budget)
+    np.testing.assert_array_equal(out["actions"], expected["actions"])
+
+
+def test_decisions_are_spread_so_parity_means_something(rnp, images):
+    actions = rnp.run(images)["actions"].numpy()
+    assert len(np.unique(actions)) > 1
+    huge = rnp.run(images, budget=1e6)["actions"].numpy()
+    np.testing.assert_array_equal(huge, 1)
+
+
+def test_onnx_budget_default_and_empty_batch(onnx_session, images):
+    out = onnx_run(onnx_session, images, budget=[1e6])
+    np.testing.assert_array_equal(out["actions"], 1)
+    out = onnx_run(onnx_session, images[:0])
+    assert out["logits"].shape == (0, 5) and out["actions"].shape == (0, 2)
+
+
+def test_flatten_head_and_softmax_output_export(tmp_path):
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            L.Conv2D(8, 3, padding="same", activation="relu"),
+            L.Conv2D(8, 3, padding="same", use_bias=False),
+            L.BatchNormalization(),
+            L.ReLU(),
+            L.Flatten(),
+            L.Dense(4, activation="softmax"),
+        ]
+    )
+    rnp = keras_rnp.wrap(model, groups=2)
+    x = np.random.default_rng(0).normal(size=(5, 8, 8, 3)).astype("float32")
+    actions = np.array([[1], [2], [1], [2], [2]])
+    np.testing.assert_allclose(
+        rnp.run(x, actions=2)["logits"], model(x), atol=1e-5
+    )
+    path = keras_rnp.export_saved_model(rnp, tmp_path / "m")
+    out = tf.saved_model.load(path).signatures["serving_default"](
+        images=tf.constant(x)
+    )
+    # The backbone ends in a softmax: probabilities are its output.
+    np.testing.assert_allclose(out["probabilities"], out["logits"])
+    np.testing.assert_allclose(out["logits"], rnp.run(x)["logits"], atol=1e-5)
+    masked, _, _ = rnp._forward(tf.constant(x), actions=tf.constant(actions))
+    np.testing.assert_allclose(
+        rnp.run(x, actions=actions)["logits"], masked, atol=1e-5
+    )
+
+
+def test_exports_refuse_bad_arguments_and_existing_targets(rnp, saved_model):
+    with pytest.raises(ValueError, match="Expected a keras_rnp.RNPModel"):
+        keras_rnp.export_saved_model(small_cnn(), "/tmp/never")
+    with pytest.raises(ValueError, match="version must be a positive"):
+        keras_rnp.export_saved_model(rnp, "/tmp/never", version=0)
+    with pytest.raises(ValueError, match="which exists"):
+        keras_rnp.export_saved_model(rnp, saved_model[0])
+    with pytest.raises(ValueError, match="opset must be an integer >= 13"):
+        keras_rnp.export_onnx(rnp, "/tmp/never.onnx", opset=9)
+
+
+def test_failed_export_leaves_previous_artifact_intact(
+    rnp, tmp_path, monkeypatch
+):
+    path = tmp_path / "rnp.onnx"
+    path.write_bytes(b"previous")
+    import onnx
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(onnx, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        keras_rnp.export_onnx(rnp, path)
+    assert path.read_bytes() == b"previous"
+    assert os.listdir(tmp_path) == ["rnp.onnx"]
+    base = tmp_path / "serving"
+
+    # Crash inside the SavedModel write itself, half-way through.
+    def write_half_then_crash(self, filepath, **kwargs):
+        os.makedirs(filepath)
+        with open(os.path.join(filepath, "saved_model.pb"), "wb") as f:
+            f.write(b"half")
+        crash()
+
+    archive = type(keras.export.ExportArchive())
+    monkeypatch.setattr(archive, "write_out", write_half_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        keras_rnp.export_saved_model(rnp, base)
+    assert os.listdir(base) == []
