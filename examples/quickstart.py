@@ -12,7 +12,6 @@ RNP model as a .keras file.
 """
 
 import os
-import tempfile
 import time
 
 from absl import app
@@ -87,20 +86,6 @@ def accuracy_and_flops(rnp, x, y, budget=0.0):
     out = rnp.run(x, budget=budget)
     accuracy = float(np.mean(out["logits"].numpy().argmax(1) == y))
     return accuracy, out["flops"].numpy(), out["actions"].numpy()
-
-
-def save_atomically(model, path):
-    """Saves to a temporary file beside `path`, then renames it."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".keras", dir=directory)
-    os.close(handle)
-    try:
-        model.save(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def run(
@@ -204,7 +189,7 @@ def run(
         )
     print(format_table(rows))
     if output:
-        save_atomically(rnp, output)
+        rnp.save(output)
         print(f"Saved the RNP model to {output}")
     print(f"Done in {time.time() - start:.0f} s.")
     return rows

@@ -5,15 +5,13 @@ convolution computes only its active channel groups, images grouped by their
 actions, so the exported graphs save real time, not only counted FLOPs.
 """
 
-import contextlib
 import os
-import shutil
-import tempfile
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_rnp.io_utils import atomic_path
 from keras_rnp.rnp_model import RNPModel
 
 
@@ -65,26 +63,6 @@ def _signature_functions(rnp):
         return outputs(images, budget)
 
     return serve, serve_budget, images_spec, budget_spec
-
-
-@contextlib.contextmanager
-def _atomic_path(path, is_dir):
-    """Yields a temporary path beside `path`; moves it there on success."""
-    path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".keras_rnp-", dir=parent)
-    target = os.path.join(staging, os.path.basename(path))
-    try:
-        yield target
-        if not os.path.exists(target):
-            raise RuntimeError(f"The export wrote nothing to {target}.")
-        if is_dir and os.path.exists(path):
-            old = os.path.join(staging, "old")
-            os.replace(path, old)
-        os.replace(target, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def export_saved_model(rnp, path, version=1, overwrite=False):
@@ -145,7 +123,7 @@ def export_saved_model(rnp, path, version=1, overwrite=False):
         serve_budget,
         input_signature=[images_spec, budget_spec],
     )
-    with _atomic_path(target, is_dir=True) as staging:
+    with atomic_path(target, is_dir=True) as staging:
         archive.write_out(staging, verbose=False)
     return target
 
@@ -200,7 +178,7 @@ def export_onnx(rnp, path, opset=17, overwrite=True):
     finally:
         rnp._skip_empty_groups = True
     _name_inputs_and_add_default_budget(model_proto)
-    with _atomic_path(path, is_dir=False) as staging:
+    with atomic_path(path, is_dir=False) as staging:
         onnx.save(model_proto, staging)
     return os.fspath(path)
 

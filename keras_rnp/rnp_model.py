@@ -1,6 +1,7 @@
 """RNPModel: a chain CNN with runtime channel pruning and its training."""
 
 import math
+import os
 import weakref
 
 import keras
@@ -8,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_rnp import chain
+from keras_rnp import io_utils
 from keras_rnp.decision_network import DecisionNetwork
 from keras_rnp.schedules import linearly_decaying_epsilon
 
@@ -700,6 +702,21 @@ class RNPModel(keras.Model):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+    def save(self, filepath, overwrite=True, **kwargs):
+        """Saves like `keras.Model.save`, atomically.
+
+        The model is written to a temporary file beside `filepath`, then
+        renamed into place: a crash during the write leaves a previous
+        file at `filepath` intact.
+        """
+        if os.path.exists(filepath) and not overwrite:
+            raise ValueError(
+                "Expected a new file (or overwrite=True). Received: "
+                f"filepath={os.fspath(filepath)!r}, which exists."
+            )
+        with io_utils.atomic_path(filepath) as staging:
+            super().save(staging, **kwargs)
 
     def get_compile_config(self):
         config = super().get_compile_config()
