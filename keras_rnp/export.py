@@ -23,20 +23,29 @@ def _check_model(rnp):
         )
 
 
-def _signature_functions(rnp):
-    """Returns `(serve, serve_budget, images_spec, budget_spec)`."""
+def _signatures(rnp):
+    """The exported functions: `{name: (function, input_signature)}`.
+
+    - `serving_default(images)`: greedy decisions.
+    - `serving_budget(images, budget)`: decisions under a budget.
+    - `serving_actions(images, forced_actions)`: forced `[B, L]` actions,
+      for benchmarks and tests of the exported graph.
+    """
     images_spec = tf.TensorSpec(
         (None, *rnp._plan.input_shape), tf.float32, name="images"
     )
     budget_spec = tf.TensorSpec((None,), tf.float32, name="budget")
+    actions_spec = tf.TensorSpec(
+        (None, rnp.num_gated_layers), tf.int32, name="forced_actions"
+    )
     ends_in_softmax = rnp.ends_in_softmax
 
-    def outputs(images, budget):
+    def outputs(images, budget=None, actions=None):
         batch = tf.shape(images)[0]
-        budget = tf.broadcast_to(budget, [batch])
+        budget = tf.broadcast_to(0.0 if budget is None else budget, [batch])
 
         def run():
-            out = rnp.infer(images, budget=budget)
+            out = rnp.infer(images, actions=actions, budget=budget)
             return out["logits"], out["actions"], out["flops"]
 
         def empty():
@@ -45,31 +54,38 @@ def _signature_functions(rnp):
             return out["logits"], out["actions"], out["flops"]
 
         if rnp._skip_empty_groups:
-            logits, actions, flops = tf.cond(batch > 0, run, empty)
+            logits, taken, flops = tf.cond(batch > 0, run, empty)
         else:
-            logits, actions, flops = run()
+            logits, taken, flops = run()
         probabilities = logits if ends_in_softmax else tf.nn.softmax(logits)
         return {
             "logits": tf.identity(logits, name="logits"),
             "probabilities": tf.identity(probabilities, name="probabilities"),
-            "actions": tf.identity(actions, name="actions"),
+            "actions": tf.identity(taken, name="actions"),
             "flops": tf.identity(flops, name="flops"),
         }
 
-    def serve(images):
-        return outputs(images, tf.zeros([1]))
+    def serving_default(images):
+        return outputs(images, budget=tf.zeros([1]))
 
-    def serve_budget(images, budget):
-        return outputs(images, budget)
+    def serving_budget(images, budget):
+        return outputs(images, budget=budget)
 
-    return serve, serve_budget, images_spec, budget_spec
+    def serving_actions(images, forced_actions):
+        return outputs(images, actions=forced_actions)
+
+    return {
+        "serving_default": (serving_default, [images_spec]),
+        "serving_budget": (serving_budget, [images_spec, budget_spec]),
+        "serving_actions": (serving_actions, [images_spec, actions_spec]),
+    }
 
 
 def export_saved_model(rnp, path, version=1, overwrite=False):
     """Exports an RNPModel as a SavedModel laid out for TF Serving.
 
     Writes `path/<version>/` (TF Serving's model base path is `path`), with
-    two signatures:
+    the signatures:
 
     - `serving_default`: input `images` float32 `[None, H, W, C]`; outputs
       `logits` (what the backbone outputs), `probabilities` (softmax of the
@@ -78,6 +94,8 @@ def export_saved_model(rnp, path, version=1, overwrite=False):
     - `serving_budget`: the same, with a second input `budget` float32
       `[B]` (or `[1]` for the whole batch) that moves the trade-off at run
       time (see `RNPModel.run`).
+    - `serving_actions`: the same, with a second input `forced_actions`
+      int32 `[B, L]` that forces the actions (for benchmarks and tests).
 
     The graph computes only the active channel groups of each gated
     convolution. The write is atomic: the version directory appears whole
@@ -112,23 +130,16 @@ def export_saved_model(rnp, path, version=1, overwrite=False):
             "Expected a new version directory (or overwrite=True). Received: "
             f"path={target!r}, which exists."
         )
-    serve, serve_budget, images_spec, budget_spec = _signature_functions(rnp)
     archive = keras.export.ExportArchive()
     archive.track(rnp)
-    archive.add_endpoint(
-        "serving_default", serve, input_signature=[images_spec]
-    )
-    archive.add_endpoint(
-        "serving_budget",
-        serve_budget,
-        input_signature=[images_spec, budget_spec],
-    )
+    for name, (function, signature) in _signatures(rnp).items():
+        archive.add_endpoint(name, function, input_signature=signature)
     with atomic_path(target, is_dir=True) as staging:
         archive.write_out(staging, verbose=False)
     return target
 
 
-def export_onnx(rnp, path, opset=17, overwrite=True):
+def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
     """Exports an RNPModel to ONNX (through tf2onnx).
 
     The model has two inputs, `images` float32 `[N, H, W, C]` and `budget`
@@ -147,12 +158,17 @@ def export_onnx(rnp, path, opset=17, overwrite=True):
         path: the `.onnx` file to write.
         opset: the ONNX opset (13 or later).
         overwrite: replace an existing file.
+        forced_actions: export, instead, a model whose second input is
+            `forced_actions` (int32 `[N, L]`, per image and layer), as the
+            SavedModel's `serving_actions` signature; for benchmarks and
+            tests.
 
     Returns:
         `path`.
     """
     import onnx
     import tf2onnx
+    from onnx import numpy_helper
 
     _check_model(rnp)
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < 13:
@@ -166,37 +182,32 @@ def export_onnx(rnp, path, opset=17, overwrite=True):
         )
     rnp._skip_empty_groups = False  # onnxruntime runs empty groups.
     try:
-        _, serve_budget, images_spec, budget_spec = _signature_functions(rnp)
-        function = tf.function(
-            serve_budget, input_signature=[images_spec, budget_spec]
-        )
+        name = "serving_actions" if forced_actions else "serving_budget"
+        function, signature = _signatures(rnp)[name]
         model_proto, _ = tf2onnx.convert.from_function(
-            function,
-            input_signature=[images_spec, budget_spec],
+            tf.function(function, input_signature=signature),
+            input_signature=signature,
             opset=opset,
         )
     finally:
         rnp._skip_empty_groups = True
-    _name_inputs_and_add_default_budget(model_proto)
+    _name_inputs(model_proto, [spec.name for spec in signature])
+    if not forced_actions:
+        default = numpy_helper.from_array(np.zeros([1], np.float32), "budget")
+        model_proto.graph.initializer.append(default)
     with atomic_path(path, is_dir=False) as staging:
         onnx.save(model_proto, staging)
     return os.fspath(path)
 
 
-def _name_inputs_and_add_default_budget(model_proto):
-    """Names the inputs `images` and `budget` (tf2onnx may keep only the
-    first spec's name), and gives `budget` a default of `[0.0]`."""
-    from onnx import numpy_helper
-
+def _name_inputs(model_proto, names):
+    """Names the graph's inputs (tf2onnx may keep only the first spec's
+    name)."""
     graph = model_proto.graph
     renames = {}
-    for graph_input, name in zip(
-        graph.input, ["images", "budget"], strict=True
-    ):
+    for graph_input, name in zip(graph.input, names, strict=True):
         renames[graph_input.name] = name
         graph_input.name = name
     for node in graph.node:
         for i, name in enumerate(node.input):
             node.input[i] = renames.get(name, name)
-    default = numpy_helper.from_array(np.zeros([1], np.float32), "budget")
-    graph.initializer.append(default)

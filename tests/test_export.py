@@ -65,7 +65,11 @@ def test_saved_model_layout_for_tf_serving(saved_model):
     assert os.listdir(base) == ["1"]
     assert os.path.exists(os.path.join(path, "saved_model.pb"))
     loaded = tf.saved_model.load(path)
-    assert set(loaded.signatures) == {"serving_default", "serving_budget"}
+    assert set(loaded.signatures) == {
+        "serving_default",
+        "serving_budget",
+        "serving_actions",
+    }
     inputs = loaded.signatures["serving_budget"].structured_input_signature
     assert set(inputs[1]) == {"images", "budget"}
     outputs = loaded.signatures["serving_default"].structured_outputs
@@ -136,6 +140,32 @@ def test_onnx_matches_keras(rnp, images, onnx_session, batch):
     expected = rnp.run(x, budget=budget)
     out = onnx_run(onnx_session, x, budget)
     np.testing.assert_array_equal(out["actions"], expected["actions"])
+
+
+def test_forced_actions_in_both_exports(rnp, images, saved_model, tmp_path):
+    actions = np.random.default_rng(2).integers(1, 5, size=(9, 2))
+    expected = rnp.run(images, actions=actions)
+    loaded = tf.saved_model.load(saved_model[1])
+    out = loaded.signatures["serving_actions"](
+        images=tf.constant(images),
+        forced_actions=tf.constant(actions, tf.int32),
+    )
+    np.testing.assert_array_equal(out["actions"], actions)
+    np.testing.assert_allclose(out["logits"], expected["logits"], atol=1e-4)
+    np.testing.assert_allclose(out["flops"], expected["flops"], rtol=1e-6)
+    path = tmp_path / "forced.onnx"
+    keras_rnp.export_onnx(rnp, path, forced_actions=True)
+    session = ort.InferenceSession(
+        str(path), providers=["CPUExecutionProvider"]
+    )
+    inputs = [i.name for i in session.get_inputs()]
+    assert inputs == ["images", "forced_actions"]
+    logits, flops = session.run(
+        ["logits", "flops"],
+        {"images": images, "forced_actions": actions.astype(np.int32)},
+    )
+    np.testing.assert_allclose(logits, expected["logits"], atol=1e-4)
+    np.testing.assert_allclose(flops, expected["flops"], rtol=1e-6)
 
 
 def test_decisions_are_spread_so_parity_means_something(rnp, images):
