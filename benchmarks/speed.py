@@ -1,0 +1,297 @@
+"""Does RNP save real time? Forced actions against the plain backbone.
+
+For each network and batch size, times the plain (unwrapped) backbone and
+the RNP model with every gated layer forced to a = 1..groups, plus mixed
+per-image actions drawn uniformly from 1..groups, in three runtimes: Keras
+(`rnp.run`, a compiled tf.function), the exported SavedModel
+(`serving_actions` signature) and onnxruntime (the forced-actions ONNX
+export); the plain backbone runs in the same runtime each time. Random
+weights: speed does not depend on them.
+
+    python benchmarks/speed.py                       # both networks
+    python benchmarks/speed.py --models=cifar4 --repeats=3
+
+Prints a table and writes JSON (`--output`): per setting, the FLOPs
+speed-up (full FLOPs over the FLOPs the RNP model executes, decision
+network included) and the measured speed-up (median plain time over median
+RNP time), side by side.
+"""
+
+import json
+import os
+import platform
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_rnp  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["cifar4", "vgg16"], "Networks to time.")
+flags.DEFINE_list("batches", ["1", "64"], "Batch sizes.")
+flags.DEFINE_list(
+    "runtimes", ["keras", "saved_model", "onnx"], "Runtimes to time."
+)
+flags.DEFINE_integer("groups", 4, "Channel groups per gated layer.")
+flags.DEFINE_integer("repeats", 5, "Timed runs per setting (median).")
+flags.DEFINE_string(
+    "output", "benchmarks/results/speed.json", "Where to write the JSON."
+)
+flags.DEFINE_integer("seed", 0, "Seed of the weights, images and actions.")
+
+L = keras.layers
+
+
+def cifar4(classes=10):
+    """The CIFAR-size 4-convolution network: 64-128-256-512, batch norm."""
+    model = keras.Sequential([keras.Input((32, 32, 3))], name="cifar4")
+    for i, width in enumerate([64, 128, 256, 512]):
+        model.add(L.Conv2D(width, 3, padding="same", use_bias=False))
+        model.add(L.BatchNormalization())
+        model.add(L.ReLU())
+        if i > 0:
+            model.add(L.MaxPooling2D())
+    model.add(L.GlobalAveragePooling2D())
+    model.add(L.Dense(classes))
+    return model
+
+
+def vgg16(classes=1000):
+    """The VGG-16 layout at 224x224 (13 convolutions, three dense)."""
+    model = keras.Sequential([keras.Input((224, 224, 3))], name="vgg16")
+    for widths in [[64] * 2, [128] * 2, [256] * 3, [512] * 3, [512] * 3]:
+        for width in widths:
+            model.add(L.Conv2D(width, 3, padding="same", activation="relu"))
+        model.add(L.MaxPooling2D())
+    model.add(L.Flatten())
+    model.add(L.Dense(4096, activation="relu"))
+    model.add(L.Dense(4096, activation="relu"))
+    model.add(L.Dense(classes))
+    return model
+
+
+MODELS = {"cifar4": cifar4, "vgg16": vgg16}
+
+
+def median_time(function, repeats):
+    """Median wall time of `function()` over `repeats` runs, after one
+    warm-up run."""
+    function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+class Runtimes:
+    """Callables `(images, actions) -> None` for the plain backbone and the
+    RNP model, in each runtime."""
+
+    def __init__(self, backbone, rnp, workdir):
+        self.backbone, self.rnp, self.workdir = backbone, rnp, workdir
+
+    def keras(self):
+        plain = tf.function(lambda x: self.backbone(x, training=False))
+
+        def run_plain(x, actions):
+            plain(x).numpy()
+
+        def run_rnp(x, actions):
+            self.rnp.run(x, actions=actions)["logits"].numpy()
+
+        return run_plain, run_rnp
+
+    def saved_model(self):
+        plain_path = os.path.join(self.workdir, "plain_saved_model")
+        self.backbone.export(plain_path, format="tf_saved_model", verbose=0)
+        # Keep the loaded objects: their functions reference their variables.
+        self.loaded = [tf.saved_model.load(plain_path)]
+        plain = self.loaded[0].serve
+        path = keras_rnp.export_saved_model(
+            self.rnp, os.path.join(self.workdir, "rnp_saved_model")
+        )
+        self.loaded.append(tf.saved_model.load(path))
+        forced = self.loaded[1].signatures["serving_actions"]
+
+        def run_plain(x, actions):
+            plain(tf.constant(x)).numpy()
+
+        def run_rnp(x, actions):
+            out = forced(
+                images=tf.constant(x),
+                forced_actions=tf.constant(actions, tf.int32),
+            )
+            out["logits"].numpy()
+
+        return run_plain, run_rnp
+
+    def onnx(self):
+        import onnxruntime as ort
+        import tf2onnx
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        spec = tf.TensorSpec(
+            self.backbone.inputs[0].shape, tf.float32, name="images"
+        )
+        plain_path = os.path.join(self.workdir, "plain.onnx")
+        tf2onnx.convert.from_function(
+            tf.function(lambda images: self.backbone(images, training=False)),
+            input_signature=[spec],
+            opset=17,
+            output_path=plain_path,
+        )
+        plain = ort.InferenceSession(
+            plain_path, options, providers=["CPUExecutionProvider"]
+        )
+        path = os.path.join(self.workdir, "rnp.onnx")
+        keras_rnp.export_onnx(self.rnp, path, forced_actions=True)
+        forced = ort.InferenceSession(
+            path, options, providers=["CPUExecutionProvider"]
+        )
+        plain_input = plain.get_inputs()[0].name
+
+        def run_plain(x, actions):
+            plain.run(None, {plain_input: x})
+
+        def run_rnp(x, actions):
+            forced.run(
+                ["logits"],
+                {"images": x, "forced_actions": actions.astype(np.int32)},
+            )
+
+        return run_plain, run_rnp
+
+
+def benchmark_model(name, batches, runtimes, groups, repeats, seed):
+    keras.utils.set_random_seed(seed)
+    backbone = MODELS[name]()
+    rnp = keras_rnp.wrap(backbone, groups=groups)
+    steps = rnp.num_gated_layers
+    rng = np.random.default_rng(seed)
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        factory = Runtimes(backbone, rnp, workdir)
+        for runtime in runtimes:
+            print(f"[{name}] preparing {runtime}...", flush=True)
+            run_plain, run_rnp = getattr(factory, runtime)()
+            for batch in batches:
+                shape = (batch, *backbone.inputs[0].shape[1:])
+                x = rng.normal(size=shape).astype("float32")
+                settings = [
+                    (f"a={a}", np.full((batch, steps), a))
+                    for a in range(1, groups + 1)
+                ]
+                if batch > 1:
+                    mixed = rng.integers(1, groups + 1, size=(batch, steps))
+                    settings.append(("mixed", mixed))
+                plain_time = median_time(
+                    lambda x=x, run=run_plain: run(x, None), repeats
+                )
+                for label, actions in settings:
+                    flops = rnp.run(x, actions=actions)["flops"].numpy()
+                    rnp_time = median_time(
+                        lambda x=x, a=actions, run=run_rnp: run(x, a), repeats
+                    )
+                    row = {
+                        "model": name,
+                        "runtime": runtime,
+                        "batch": batch,
+                        "actions": label,
+                        "plain_seconds": plain_time,
+                        "rnp_seconds": rnp_time,
+                        "flops_speedup": rnp.full_flops / float(flops.mean()),
+                        "time_speedup": plain_time / rnp_time,
+                    }
+                    row["efficiency"] = (
+                        row["time_speedup"] / row["flops_speedup"]
+                    )
+                    rows.append(row)
+                    print(format_row(row), flush=True)
+    return rows
+
+
+def format_row(row):
+    return (
+        f"{row['model']:<7} {row['runtime']:<12} {row['batch']:>5} "
+        f"{row['actions']:<6} {row['plain_seconds'] * 1e3:>10.2f} "
+        f"{row['rnp_seconds'] * 1e3:>10.2f} {row['flops_speedup']:>7.2f}x "
+        f"{row['time_speedup']:>7.2f}x {row['efficiency']:>6.2f}"
+    )
+
+
+HEADER = (
+    f"{'model':<7} {'runtime':<12} {'batch':>5} {'acts':<6} "
+    f"{'plain ms':>10} {'rnp ms':>10} {'FLOPs':>8} {'time':>8} {'eff':>6}"
+)
+
+
+def main(argv):
+    del argv
+    unknown = set(FLAGS.models) - set(MODELS)
+    if unknown:
+        raise app.UsageError(
+            f"--models expects some of {sorted(MODELS)}. Received: "
+            f"{sorted(unknown)}"
+        )
+    try:
+        batches = [int(b) for b in FLAGS.batches]
+    except ValueError:
+        raise app.UsageError(
+            f"--batches expects integers. Received: {FLAGS.batches}"
+        ) from None
+    print(HEADER)
+    rows = []
+    for name in FLAGS.models:
+        rows += benchmark_model(
+            name,
+            batches,
+            FLAGS.runtimes,
+            FLAGS.groups,
+            FLAGS.repeats,
+            FLAGS.seed,
+        )
+    print()
+    print(HEADER)
+    for row in rows:
+        print(format_row(row))
+    result = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+        },
+        "command": "python benchmarks/speed.py "
+        + " ".join(
+            f"--{name}={FLAGS[name].serialize().split('=', 1)[-1]}"
+            for name in [
+                "models",
+                "batches",
+                "runtimes",
+                "groups",
+                "repeats",
+                "seed",
+            ]
+        ),
+        "rows": rows,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+    with open(FLAGS.output, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"Wrote {FLAGS.output}")
+
+
+if __name__ == "__main__":
+    app.run(main)
