@@ -53,7 +53,7 @@ def _signatures(rnp):
             out = rnp._empty_outputs()
             return out["logits"], out["actions"], out["flops"]
 
-        if rnp._skip_empty_groups:
+        if rnp._graph_target == "tensorflow":
             logits, taken, flops = tf.cond(batch > 0, run, empty)
         else:
             logits, taken, flops = run()
@@ -180,7 +180,7 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
             "Expected a new file (or overwrite=True). Received: "
             f"path={os.fspath(path)!r}, which exists."
         )
-    rnp._skip_empty_groups = False  # onnxruntime runs empty groups.
+    rnp._graph_target = "onnx"
     try:
         name = "serving_actions" if forced_actions else "serving_budget"
         function, signature = _signatures(rnp)[name]
@@ -190,7 +190,7 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
             opset=opset,
         )
     finally:
-        rnp._skip_empty_groups = True
+        rnp._graph_target = "tensorflow"
     _name_inputs(model_proto, [spec.name for spec in signature])
     if not forced_actions:
         default = numpy_helper.from_array(np.zeros([1], np.float32), "budget")

@@ -166,9 +166,12 @@ class RNPModel(keras.Model):
         self._output_shape = tuple(backbone.outputs[0].shape)
         # Whether the backbone outputs probabilities rather than logits.
         self.ends_in_softmax = _ends_in_softmax(self._plan.head)
-        # Inference skips empty action groups with tf.cond; graphs for
-        # runtimes that run empty batches correctly may turn this off.
-        self._skip_empty_groups = True
+        # Which runtime the sliced inference graph is built for: "tensorflow"
+        # (empty action groups skipped with tf.cond, outputs merged with
+        # DynamicStitch) or "onnx" (no control flow, which tf2onnx converts
+        # badly; outputs merged with a Gather, faster than the
+        # ScatterElements that DynamicStitch becomes).
+        self._graph_target = "tensorflow"
         self._seed_generator = keras.random.SeedGenerator(seed)
         # Training state, saved with the model.
         self.step_counter = self.add_weight(
@@ -307,10 +310,13 @@ class RNPModel(keras.Model):
         else:
             key = action - 1
             pairs = [(None, o) for o in range(1, k + 1)]
-        parts = tf.dynamic_partition(x, key, len(pairs))
         positions = tf.dynamic_partition(
             tf.range(tf.shape(x)[0]), key, len(pairs)
         )
+        if self._graph_target == "tensorflow":
+            parts = tf.dynamic_partition(x, key, len(pairs))
+        else:  # A Gather per group beats ONNX's Compress.
+            parts = [tf.gather(x, index) for index in positions]
         if with_head:
             output_shape = self._output_shape[1:]
         else:
@@ -331,7 +337,7 @@ class RNPModel(keras.Model):
                 padding = unit.out_channels - active_out
                 return tf.pad(y, [[0, 0], [0, 0], [0, 0], [0, padding]])
 
-            if self._skip_empty_groups:
+            if self._graph_target == "tensorflow":
                 # An empty group must not reach the convolution (see
                 # GatedUnit.call_sliced); skipping it also saves the call.
                 empty = tf.zeros([0, *output_shape], x.dtype)
@@ -339,7 +345,13 @@ class RNPModel(keras.Model):
             else:
                 y = compute()
             outputs.append(y)
-        return tf.dynamic_stitch(positions, outputs)
+        if self._graph_target == "tensorflow":
+            return tf.dynamic_stitch(positions, outputs)
+        # Row i of the concatenated outputs belongs to image order[i].
+        order = tf.concat(positions, axis=0)
+        batch = tf.shape(order)[0]
+        inverse = tf.scatter_nd(order[:, None], tf.range(batch), [batch])
+        return tf.gather(tf.concat(outputs, axis=0), inverse)
 
     def _explore(self, greedy, epsilon):
         shape = tf.shape(greedy)
