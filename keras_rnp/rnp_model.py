@@ -310,48 +310,68 @@ class RNPModel(keras.Model):
         else:
             key = action - 1
             pairs = [(None, o) for o in range(1, k + 1)]
+
+        def run_group(part, group):
+            a_in, a_out = pairs[group]
+            active_in = unit.in_channels
+            if a_in is not None:
+                active_in = a_in * (unit.in_channels // k)
+            active_out = a_out * (unit.out_channels // k)
+            y = unit.call_sliced(part, active_in, active_out)
+            if with_head:
+                return self._plan.call_head_sliced(y, active_out)
+            padding = unit.out_channels - active_out
+            return tf.pad(y, [[0, 0], [0, 0], [0, 0], [0, padding]])
+
         positions = tf.dynamic_partition(
             tf.range(tf.shape(x)[0]), key, len(pairs)
         )
-        if self._graph_target == "tensorflow":
-            parts = tf.dynamic_partition(x, key, len(pairs))
-        else:  # A Gather per group beats ONNX's Compress.
-            parts = [tf.gather(x, index) for index in positions]
+        if self._graph_target == "onnx":
+            # No control flow, and Gathers rather than the Compress and
+            # ScatterElements that dynamic_partition/stitch become.
+            outputs = [
+                run_group(tf.gather(x, index), group)
+                for group, index in enumerate(positions)
+            ]
+            # Row i of the concatenated outputs belongs to image order[i].
+            order = tf.concat(positions, axis=0)
+            batch = tf.shape(order)[0]
+            inverse = tf.scatter_nd(order[:, None], tf.range(batch), [batch])
+            return tf.gather(tf.concat(outputs, axis=0), inverse)
+
         if with_head:
             output_shape = self._output_shape[1:]
         else:
             output_shape = unit.output_shape
-        outputs = []
-        for (a_in, a_out), part in zip(pairs, parts, strict=True):
-            active_in = (
-                unit.in_channels
-                if a_in is None
-                else a_in * (unit.in_channels // k)
-            )
-            active_out = a_out * (unit.out_channels // k)
+        empty = tf.zeros([0, *output_shape], x.dtype)
 
-            def compute(part=part, active_in=active_in, active_out=active_out):
-                y = unit.call_sliced(part, active_in, active_out)
-                if with_head:
-                    return self._plan.call_head_sliced(y, active_out)
-                padding = unit.out_channels - active_out
-                return tf.pad(y, [[0, 0], [0, 0], [0, 0], [0, padding]])
-
-            if self._graph_target == "tensorflow":
+        def grouped():
+            parts = tf.dynamic_partition(x, key, len(pairs))
+            outputs = [
                 # An empty group must not reach the convolution (see
                 # GatedUnit.call_sliced); skipping it also saves the call.
-                empty = tf.zeros([0, *output_shape], x.dtype)
-                y = tf.cond(tf.size(part) > 0, compute, lambda e=empty: e)
-            else:
-                y = compute()
-            outputs.append(y)
-        if self._graph_target == "tensorflow":
+                tf.cond(
+                    tf.size(part) > 0,
+                    lambda part=part, group=group: run_group(part, group),
+                    lambda: empty,
+                )
+                for group, part in enumerate(parts)
+            ]
             return tf.dynamic_stitch(positions, outputs)
-        # Row i of the concatenated outputs belongs to image order[i].
-        order = tf.concat(positions, axis=0)
-        batch = tf.shape(order)[0]
-        inverse = tf.scatter_nd(order[:, None], tf.range(batch), [batch])
-        return tf.gather(tf.concat(outputs, axis=0), inverse)
+
+        def uniform():
+            # Every image is in one group (always so at batch 1): run it on
+            # the whole batch, without splitting and merging.
+            branches = [
+                lambda group=group: run_group(x, group)
+                for group in range(len(pairs))
+            ]
+            return tf.switch_case(tf.reduce_min(key), branches)
+
+        is_uniform = tf.logical_and(
+            tf.size(key) > 0, tf.reduce_min(key) == tf.reduce_max(key)
+        )
+        return tf.cond(is_uniform, uniform, grouped)
 
     def _explore(self, greedy, epsilon):
         shape = tf.shape(greedy)
