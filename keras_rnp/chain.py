@@ -250,8 +250,11 @@ class GatedUnit:
         conv = self.conv
         if x.shape[-1] != in_active:
             x = x[..., :in_active]
-        kernel = conv.kernel[:, :, :in_active, :out_active]
-        bias = conv.bias[:out_active] if conv.use_bias else None
+        kernel, bias = conv.kernel, conv.bias if conv.use_bias else None
+        # Slice only what is cut: a slice of a variable is a copy.
+        if (in_active, out_active) != tuple(kernel.shape[2:]):
+            kernel = kernel[:, :, :in_active, :out_active]
+            bias = None if bias is None else bias[:out_active]
         tail = list(self.tail)
         linear = _activation_name(conv) == "linear"
         if linear and tail and isinstance(tail[0], _L.BatchNormalization):
@@ -333,16 +336,17 @@ class ChainPlan:
         )
         dense, rest = rest[index], rest[index + 1 :]
         kernel = dense.kernel
+        full = self.units[-1].out_channels
         if isinstance(reducer, _L.Flatten):
             height, width = y.shape[1:3]
             y = tf.reshape(y, [-1, height * width * active])
-            kernel = tf.reshape(kernel, [height, width, -1, dense.units])
-            kernel = tf.reshape(
-                kernel[:, :, :active], [height * width * active, dense.units]
-            )
+            if active < full:  # A slice of a variable is a copy.
+                kernel = tf.reshape(kernel, [height, width, full, -1])
+                kernel = tf.reshape(kernel[:, :, :active], [-1, dense.units])
         else:
             y = reducer(y)
-            kernel = kernel[:active]
+            if active < full:
+                kernel = kernel[:active]
         y = tf.matmul(y, kernel)
         if dense.use_bias:
             y = tf.nn.bias_add(y, dense.bias)

@@ -321,6 +321,8 @@ class RNPModel(keras.Model):
             if with_head:
                 return self._plan.call_head_sliced(y, active_out)
             padding = unit.out_channels - active_out
+            if not padding:
+                return y
             return tf.pad(y, [[0, 0], [0, 0], [0, 0], [0, padding]])
 
         positions = tf.dynamic_partition(
