@@ -1,12 +1,12 @@
 """Parity of the exported models with Keras, on real images.
 
 Trains the quickstart's RNP model on the scikit-learn digits (or loads one
-with --model), exports it as a SavedModel and as ONNX, and compares the
+with --rnp_model), exports it as a SavedModel and as ONNX, and compares the
 three on the digits test split at batch 1 and at batch 64: the largest
 logit difference and the share of images whose actions agree exactly.
 
     python benchmarks/parity.py
-    python benchmarks/parity.py --model=runs/quickstart/rnp.keras
+    python benchmarks/parity.py --rnp_model=runs/quickstart/rnp.keras
 """
 
 import json
@@ -33,9 +33,10 @@ sys.path.insert(
 import quickstart  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "An RNP model (.keras); else train one.")
+flags.DEFINE_string("rnp_model", None, "An RNP model (.keras); else train one.")
+# (quickstart's flags are defined too: --output names its model file.)
 flags.DEFINE_string(
-    "output", "benchmarks/results/parity.json", "Where to write the JSON."
+    "results", "benchmarks/results/parity.json", "Where to write the JSON."
 )
 
 
@@ -80,8 +81,8 @@ def compare(rnp, images, budgets, batch, signatures, onnx_session):
 
 def main(argv):
     del argv
-    if FLAGS.model:
-        rnp = keras.saving.load_model(FLAGS.model)
+    if FLAGS.rnp_model:
+        rnp = keras.saving.load_model(FLAGS.rnp_model)
     else:
         with tempfile.TemporaryDirectory() as workdir:
             path = os.path.join(workdir, "rnp.keras")
@@ -114,10 +115,10 @@ def main(argv):
         "rows": rows,
     }
     print(f"{result['distinct_action_rows']} distinct action rows")
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-    with open(FLAGS.output, "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.results)), exist_ok=True)
+    with open(FLAGS.results, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"Wrote {FLAGS.output}")
+    print(f"Wrote {FLAGS.results}")
 
 
 if __name__ == "__main__":

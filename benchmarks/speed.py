@@ -1,15 +1,18 @@
 """Does RNP save real time? Forced actions against the plain backbone.
 
 For each network and batch size, times the plain (unwrapped) backbone and
-the RNP model with every gated layer forced to a = 1..groups, plus mixed
-per-image actions drawn uniformly from 1..groups, in three runtimes: Keras
-(`rnp.run`, a compiled tf.function), the exported SavedModel
-(`serving_actions` signature) and onnxruntime (the forced-actions ONNX
-export); the plain backbone runs in the same runtime each time. Random
-weights: speed does not depend on them.
+the RNP model, alternately run after run, with every gated layer forced to
+a = 1..groups, plus mixed per-image actions drawn uniformly from 1..groups,
+in three runtimes: Keras (`rnp.run`, a compiled tf.function), the exported
+SavedModel (`serving_actions` signature) and onnxruntime (the
+forced-actions ONNX export); the plain backbone runs in the same runtime
+each time. Random weights: speed does not depend on them.
 
-    python benchmarks/speed.py                       # both networks
-    python benchmarks/speed.py --models=cifar4 --repeats=3
+    python benchmarks/speed.py --models=cifar4 --repeats=7
+    python benchmarks/speed.py --models=vgg16 --runtimes=keras,saved_model
+
+(VGG-16's ONNX export needs more than the 24 GB of memory of the machines
+here: see `keras_rnp.export_onnx`.)
 
 Prints a table and writes JSON (`--output`): per setting, the FLOPs
 speed-up (full FLOPs over the FLOPs the RNP model executes, decision
@@ -81,16 +84,18 @@ def vgg16(classes=1000):
 MODELS = {"cifar4": cifar4, "vgg16": vgg16}
 
 
-def median_time(function, repeats):
-    """Median wall time of `function()` over `repeats` runs, after one
-    warm-up run."""
-    function()
-    times = []
+def median_times(first, second, repeats):
+    """Median wall times of `first()` and `second()`, run alternately
+    `repeats` times each after one warm-up run of each, so that both see
+    the same machine load."""
+    first(), second()
+    times = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        for function, measured in zip((first, second), times, strict=True):
+            start = time.perf_counter()
+            function()
+            measured.append(time.perf_counter() - start)
+    return float(np.median(times[0])), float(np.median(times[1]))
 
 
 class Runtimes:
@@ -195,13 +200,12 @@ def benchmark_model(name, batches, runtimes, groups, repeats, seed):
                 if batch > 1:
                     mixed = rng.integers(1, groups + 1, size=(batch, steps))
                     settings.append(("mixed", mixed))
-                plain_time = median_time(
-                    lambda x=x, run=run_plain: run(x, None), repeats
-                )
                 for label, actions in settings:
                     flops = rnp.run(x, actions=actions)["flops"].numpy()
-                    rnp_time = median_time(
-                        lambda x=x, a=actions, run=run_rnp: run(x, a), repeats
+                    plain_time, rnp_time = median_times(
+                        lambda x=x, run=run_plain: run(x, None),
+                        lambda x=x, a=actions, run=run_rnp: run(x, a),
+                        repeats,
                     )
                     row = {
                         "model": name,
@@ -261,10 +265,16 @@ def main(argv):
             FLAGS.repeats,
             FLAGS.seed,
         )
+        write_results(rows)  # After each model: a crash keeps what ran.
     print()
     print(HEADER)
     for row in rows:
         print(format_row(row))
+    print(f"Wrote {FLAGS.output}")
+
+
+def write_results(rows):
+    flag_names = ["models", "batches", "runtimes", "groups", "repeats", "seed"]
     result = {
         "machine": {
             "platform": platform.platform(),
@@ -274,23 +284,12 @@ def main(argv):
             "keras": keras.__version__,
         },
         "command": "python benchmarks/speed.py "
-        + " ".join(
-            f"--{name}={FLAGS[name].serialize().split('=', 1)[-1]}"
-            for name in [
-                "models",
-                "batches",
-                "runtimes",
-                "groups",
-                "repeats",
-                "seed",
-            ]
-        ),
+        + " ".join(FLAGS[name].serialize() for name in flag_names),
         "rows": rows,
     }
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
     with open(FLAGS.output, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"Wrote {FLAGS.output}")
 
 
 if __name__ == "__main__":
