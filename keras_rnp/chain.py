@@ -179,7 +179,6 @@ class GatedUnit:
     in_gated: bool
     full_flops: float
     output_shape: tuple
-    conv_output_hw: tuple
 
     def active_fraction_in(self, previous_action):
         """Fraction of input channels active, given the previous action."""
@@ -424,7 +423,6 @@ def plan_chain(model, groups, gate_first=False):
                         in_gated=previous_gated,
                         full_flops=cost,
                         output_shape=tuple(out_shape[1:]),
-                        conv_output_hw=tuple(out_shape[1:3]),
                     )
                 )
                 section, previous_gated = "unit", True
