@@ -370,11 +370,13 @@ def plan_chain(model, groups, gate_first=False):
         ValueError: naming the first layer that cannot be handled.
     """
     layers = chain_layers(model)
+    convs = [layer for layer in layers if isinstance(layer, _L.Conv2D)]
+    gated = convs if gate_first else convs[1:]
     for layer in layers:
         if not isinstance(layer, _KNOWN_LAYERS):
             _refuse(layer, _why_not(layer, section=None))
         if isinstance(layer, _L.Conv2D):
-            _check_conv(layer, groups, gated_conv=False)
+            _check_conv(layer, groups, gated_conv=layer in gated)
     input_shape = tuple(model.inputs[0].shape)
     if len(input_shape) != 4:
         raise ValueError(
@@ -387,8 +389,6 @@ def plan_chain(model, groups, gate_first=False):
             "keras_rnp.wrap() expects a fixed image size. Received: input "
             f"shape {input_shape} for model={model.name}."
         )
-    convs = [layer for layer in layers if isinstance(layer, _L.Conv2D)]
-    gated = convs if gate_first else convs[1:]
     if not gated:
         raise ValueError(
             "keras_rnp.wrap() needs at least one Conv2D to gate (every Conv2D "
@@ -405,7 +405,6 @@ def plan_chain(model, groups, gate_first=False):
         in_shape, out_shape = layer.input.shape, layer.output.shape
         cost = flops_lib.layer_flops(layer, in_shape, out_shape)
         if isinstance(layer, _L.Conv2D):
-            _check_conv(layer, groups, gated_conv=layer in gated)
             if section == "head":
                 _refuse(
                     layer,

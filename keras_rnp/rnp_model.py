@@ -325,10 +325,13 @@ class RNPModel(keras.Model):
                 return y
             return tf.pad(y, [[0, 0], [0, 0], [0, 0], [0, padding]])
 
-        positions = tf.dynamic_partition(
-            tf.range(tf.shape(x)[0]), key, len(pairs)
-        )
+        def partition_positions():
+            return tf.dynamic_partition(
+                tf.range(tf.shape(x)[0]), key, len(pairs)
+            )
+
         if self._graph_target == "onnx":
+            positions = partition_positions()
             # No control flow, and Gathers rather than the Compress and
             # ScatterElements that dynamic_partition/stitch become.
             outputs = [
@@ -348,6 +351,7 @@ class RNPModel(keras.Model):
         empty = tf.zeros([0, *output_shape], x.dtype)
 
         def grouped():
+            positions = partition_positions()
             parts = tf.dynamic_partition(x, key, len(pairs))
             outputs = [
                 # An empty group must not reach the convolution (see
