@@ -32,12 +32,17 @@ setup(
     extras_require={
         # The quickstart's data (the 8x8 digits) ships inside scikit-learn.
         # The CIFAR example writes TensorBoard logs and PNG plots.
-        "examples": ["scikit-learn>=1.2", "tensorboard", "matplotlib>=3.7"],
+        "examples": [
+            "scikit-learn>=1.2",
+            "tensorboard",
+            "matplotlib>=3.7",
+        ],
         "test": [
             "pytest>=7.4",
             "hypothesis>=6.80",
             "ruff>=0.6",
             "scikit-learn>=1.2",
+            "scipy>=1.10",
             "tensorboard",
             "matplotlib>=3.7",
         ],

@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 import keras_rnp  # noqa: E402
 from keras_rnp import datasets  # noqa: E402
 from keras_rnp import io_utils  # noqa: E402
+from keras_rnp.static_pruning import l1_prune_to_flops  # noqa: E402
 
 STEPS = ("backbone", "rnp", "static", "evaluate", "plots")
 # Per-channel mean and standard deviation of the CIFAR-10 training images
@@ -191,7 +192,324 @@ def train_backbone(config):
     return model
 
 
-RUNNERS = {"backbone": train_backbone}
+def _steps_per_epoch(config):
+    ds, _ = data(config, "train", training=True)
+    return int(ds.cardinality())
+
+
+def _backbone_updates(config):
+    """Backbone updates during RNP training (its N2 share of the steps);
+    static pruning fine-tunes for as many."""
+    total = config.rnp_epochs * _steps_per_epoch(config)
+    n1, n2 = config.decision_steps, config.backbone_steps
+    rounds, rest = divmod(total, n1 + n2)
+    return max(1, rounds * n2 + max(0, rest - n1))
+
+
+def _finetune_optimizer(config):
+    return keras.optimizers.SGD(
+        keras.optimizers.schedules.CosineDecay(
+            config.finetune_lr, _backbone_updates(config)
+        ),
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-4,
+    )
+
+
+def _load(path, what):
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"Expected the {what} at {path}: run the step that makes it "
+            "first (see --steps)."
+        )
+    return keras.saving.load_model(path)
+
+
+def rnp_name(penalty):
+    return f"rnp_p{penalty:g}"
+
+
+def train_rnp(config):
+    """Step 2: wraps the backbone and trains RNP once per penalty; saves
+    `rnp_p<penalty>.keras`."""
+    train, _ = data(config, "train", training=True)
+    val, _ = data(config, "validation")
+    decision_updates = (
+        config.rnp_epochs
+        * _steps_per_epoch(config)
+        * config.decision_steps
+        // (config.decision_steps + config.backbone_steps)
+    )
+    for penalty in config.penalties:
+        name = rnp_name(penalty)
+        print(f"-- {name} --", flush=True)
+        backbone = _load(config.path("backbone.keras"), "trained backbone")
+        rnp = keras_rnp.wrap(
+            backbone,
+            groups=config.groups,
+            penalty=penalty,
+            backbone_epsilon=config.backbone_epsilon,
+            decision_steps=config.decision_steps,
+            backbone_steps=config.backbone_steps,
+            # Explore widely over the first third of the decision steps.
+            epsilon_decay_steps=max(1, decision_updates // 3),
+            seed=config.seed,
+        )
+        rnp.compile(
+            optimizer=_finetune_optimizer(config),
+            decision_optimizer=keras.optimizers.Adam(1e-3),
+            metrics=["accuracy"],
+        )
+        rnp.fit(
+            train,
+            epochs=config.rnp_epochs,
+            validation_data=val,
+            callbacks=_callbacks(config, name),
+            verbose=config.verbose,
+        )
+        rnp.save(config.path(f"{name}.keras"))
+
+
+def static_name(speedup):
+    return f"static_{speedup:g}x"
+
+
+def train_static(config):
+    """Step 3: L1-norm filter pruning of the backbone to 1/speedup of its
+    FLOPs, fine-tuned for as many steps as RNP fine-tunes the backbone;
+    saves `static_<speedup>x.keras`."""
+    train, _ = data(config, "train", training=True)
+    val, _ = data(config, "validation")
+    updates = _backbone_updates(config)
+    epochs = max(1, config.rnp_epochs)
+    for speedup in config.static_speedups:
+        name = static_name(speedup)
+        backbone = _load(config.path("backbone.keras"), "trained backbone")
+        model, keep = l1_prune_to_flops(backbone, speedup)
+        print(
+            f"-- {name}: keeps {keep:.3f} of the filters, "
+            f"{keras_rnp.count_flops(model):,.0f} FLOPs, "
+            f"{updates} fine-tuning steps --",
+            flush=True,
+        )
+        model.compile(
+            optimizer=_finetune_optimizer(config),
+            loss=_loss(),
+            metrics=["accuracy"],
+        )
+        model.fit(
+            train.repeat(),
+            epochs=epochs,
+            steps_per_epoch=-(-updates // epochs),
+            validation_data=val,
+            callbacks=_callbacks(config, name),
+            verbose=config.verbose,
+        )
+        _save(model, config.path(f"{name}.keras"))
+
+
+def _per_image_losses(model, test):
+    losses, labels = [], []
+    for images, batch_labels in test:
+        logits = model(images, training=False)
+        losses.append(
+            keras.losses.sparse_categorical_crossentropy(
+                batch_labels, logits, from_logits=True
+            ).numpy()
+        )
+        labels.append(batch_labels.numpy())
+    return np.concatenate(losses), np.concatenate(labels)
+
+
+def evaluate(config):
+    """Step 4: test accuracy and mean FLOPs per image of every model, the
+    budget sweep, per-layer action tables and the rank correlation of
+    per-image FLOPs with the full network's loss. Writes `results.json`
+    and `per_image.npz` (the sweep model's per-image FLOPs)."""
+    test, _ = data(config, "test")
+    backbone = _load(config.path("backbone.keras"), "trained backbone")
+    full_flops = keras_rnp.count_flops(backbone)
+    losses, labels = _per_image_losses(backbone, test)
+    backbone_accuracy = backbone.evaluate(test, verbose=0, return_dict=True)[
+        "accuracy"
+    ]
+    results = {
+        "config": {
+            key: value
+            for key, value in vars(config).items()
+            if isinstance(value, (int, float, str, tuple, list, type(None)))
+        },
+        "full": {"accuracy": backbone_accuracy, "flops": full_flops},
+        "rnp": [],
+        "sweep": [],
+        "static": [],
+    }
+    print(
+        f"full network: accuracy {backbone_accuracy:.4f}, "
+        f"{full_flops / 1e6:.2f} MFLOPs"
+    )
+
+    def summarize(rnp, penalty, budget):
+        rep = keras_rnp.report(rnp, test, budget=budget)
+        row = rep.summary()
+        row["penalty"] = penalty
+        row["loss_rank_correlation"] = keras_rnp.rank_correlation(
+            rep.flops, losses
+        )
+        return row, rep
+
+    per_image = {}
+    for penalty in config.penalties:
+        rnp = _load(config.path(f"{rnp_name(penalty)}.keras"), "RNP model")
+        print(f"-- {rnp_name(penalty)} --")
+        row, rep = summarize(rnp, penalty, 0.0)
+        results["rnp"].append(row)
+        if penalty == config.penalties[0]:
+            for budget in config.budgets:
+                print(f"-- {rnp_name(penalty)}, budget {budget:g} --")
+                row, rep = summarize(rnp, penalty, budget)
+                results["sweep"].append(row)
+                per_image[f"flops_b{budget:g}"] = rep.flops
+            per_image["labels"] = labels
+            per_image["full_losses"] = losses
+    for speedup in config.static_speedups:
+        model = _load(config.path(f"{static_name(speedup)}.keras"), "model")
+        accuracy = model.evaluate(test, verbose=0, return_dict=True)["accuracy"]
+        flops = keras_rnp.count_flops(model)
+        results["static"].append(
+            {
+                "speedup": speedup,
+                "accuracy": accuracy,
+                "flops": flops,
+                "flops_ratio": flops / full_flops,
+            }
+        )
+    print(format_results(results))
+    with io_utils.atomic_path(config.path("results.json")) as staging:
+        with open(staging, "w") as f:
+            json.dump(results, f, indent=1)
+    with io_utils.atomic_path(config.path("per_image.npz")) as staging:
+        with open(staging, "wb") as f:
+            np.savez(f, **per_image)
+    return results
+
+
+def format_results(results):
+    """The headline table: accuracy and FLOPs of every model."""
+    full = results["full"]
+    lines = [
+        f"{'model':<22} {'accuracy':>9} {'MFLOPs':>9} {'speed-up':>9} "
+        f"{'spread':>7} {'rank corr':>9}",
+        f"{'full network':<22} {full['accuracy']:>9.4f} "
+        f"{full['flops'] / 1e6:>9.2f} {1.0:>8.2f}x",
+    ]
+    for kind, rows in (("rnp", results["rnp"]), ("sweep", results["sweep"])):
+        for row in rows:
+            name = f"RNP p={row['penalty']:g}"
+            if kind == "sweep":
+                name += f" budget {row['budget']:g}"
+            lines.append(
+                f"{name:<22} {row['accuracy']:>9.4f} "
+                f"{row['mean_flops'] / 1e6:>9.2f} "
+                f"{1 / row['flops_ratio']:>8.2f}x "
+                f"{row['flops_spread']:>7.3f} "
+                f"{row['loss_rank_correlation']:>9.3f}"
+            )
+    for row in results["static"]:
+        name = f"static L1 {row['speedup']:g}x"
+        lines.append(
+            f"{name:<22} {row['accuracy']:>9.4f} {row['flops'] / 1e6:>9.2f} "
+            f"{1 / row['flops_ratio']:>8.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def plots(config):
+    """Step 5: `accuracy_vs_flops.png` and `images_by_flops.png`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    path = config.path("results.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Expected {path}: run --steps=evaluate first.")
+    with open(path) as f:
+        results = json.load(f)
+    full = results["full"]
+
+    figure, axes = plt.subplots(figsize=(6, 4.5))
+    sweep = results["sweep"]
+    if sweep:
+        axes.plot(
+            [1 / r["flops_ratio"] for r in sweep],
+            [100 * r["accuracy"] for r in sweep],
+            "o-",
+            label=f"RNP, budget sweep (p={sweep[0]['penalty']:g})",
+        )
+    axes.plot(
+        [1 / r["flops_ratio"] for r in results["rnp"]],
+        [100 * r["accuracy"] for r in results["rnp"]],
+        "s",
+        label="RNP, one model per penalty",
+    )
+    axes.plot(
+        [1 / r["flops_ratio"] for r in results["static"]],
+        [100 * r["accuracy"] for r in results["static"]],
+        "^--",
+        label="static L1 pruning, fine-tuned",
+    )
+    axes.plot([1.0], [100 * full["accuracy"]], "k*", ms=12, label="full")
+    axes.set_xlabel("FLOPs reduction (x, decision network counted)")
+    axes.set_ylabel("test accuracy (%)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    _save_figure(figure, config.path("accuracy_vs_flops.png"))
+    plt.close(figure)
+
+    per_image = np.load(config.path("per_image.npz"))
+    flops = per_image["flops_b0"]
+    images = []
+    test, _ = data(config, "test")
+    for batch, _labels in test:
+        images.append(batch.numpy().astype(np.uint8))
+    images = np.concatenate(images)[: len(flops)]
+    # Cheapest to most expensive; ties broken by the full network's loss.
+    order = np.lexsort((per_image["full_losses"], flops))
+    rows, cols = 6, 12
+    cells = min(rows * cols, len(order))
+    picks = order[np.linspace(0, len(order) - 1, cells).astype(int)]
+    figure, grid = plt.subplots(rows, cols, figsize=(cols, rows * 1.15))
+    for ax in grid.flat:
+        ax.axis("off")
+    for ax, index in zip(grid.flat[:cells], picks, strict=True):
+        ax.imshow(images[index])
+        ax.set_title(f"{flops[index] / full['flops']:.2f}", fontsize=7)
+    figure.suptitle(
+        "Test images ordered by the FLOPs RNP spent on them "
+        "(fraction of the full network)",
+        fontsize=9,
+    )
+    figure.tight_layout()
+    _save_figure(figure, config.path("images_by_flops.png"))
+    plt.close(figure)
+
+
+def _save_figure(figure, path):
+    with io_utils.atomic_path(path) as staging:
+        figure.savefig(staging, format="png", dpi=110)
+    print(f"Wrote {path}")
+
+
+RUNNERS = {
+    "backbone": train_backbone,
+    "rnp": train_rnp,
+    "static": train_static,
+    "evaluate": evaluate,
+    "plots": plots,
+}
 
 
 def run(config):
@@ -208,6 +526,21 @@ def run(config):
     return results
 
 
+def _numbers(name, values, kind=float, minimum=None):
+    try:
+        numbers = tuple(kind(v) for v in values)
+    except ValueError:
+        raise app.UsageError(
+            f"--{name} expects a list of {kind.__name__}s. Received: "
+            f"{','.join(values)}"
+        ) from None
+    if minimum is not None and any(n < minimum for n in numbers):
+        raise app.UsageError(
+            f"--{name} expects values >= {minimum}. Received: {numbers}"
+        )
+    return numbers
+
+
 def main(argv):
     del argv
     steps = [s.strip() for s in FLAGS.steps]
@@ -220,9 +553,20 @@ def main(argv):
         dataset=FLAGS.dataset,
         data_dir=FLAGS.data_dir,
         work_dir=FLAGS.work_dir,
-        widths=tuple(int(w) for w in FLAGS.widths),
+        widths=_numbers("widths", FLAGS.widths, int, 1),
         backbone_epochs=FLAGS.backbone_epochs,
         backbone_lr=FLAGS.backbone_lr,
+        rnp_epochs=FLAGS.rnp_epochs,
+        penalties=_numbers("penalties", FLAGS.penalties, float, 0.0),
+        groups=FLAGS.groups,
+        decision_steps=FLAGS.decision_steps,
+        backbone_steps=FLAGS.backbone_steps,
+        backbone_epsilon=FLAGS.backbone_epsilon,
+        finetune_lr=FLAGS.finetune_lr,
+        static_speedups=_numbers(
+            "static_speedups", FLAGS.static_speedups, float, 1.0
+        ),
+        budgets=_numbers("budgets", FLAGS.budgets, float, 0.0),
         batch_size=FLAGS.batch_size,
         limit=FLAGS.limit,
         seed=FLAGS.seed,
@@ -230,7 +574,13 @@ def main(argv):
     )
     config.steps = steps
     keras.utils.set_random_seed(config.seed)
-    run(config)
+    try:
+        run(config)
+    except (ValueError, OSError) as error:
+        # Bad data directories, missing models, bad settings: one line.
+        message = str(error).strip().splitlines()[0]
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

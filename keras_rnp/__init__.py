@@ -4,6 +4,9 @@ from keras_rnp.decision_network import DecisionNetwork
 from keras_rnp.export import export_onnx
 from keras_rnp.export import export_saved_model
 from keras_rnp.flops import count_flops
+from keras_rnp.report import Report
+from keras_rnp.report import rank_correlation
+from keras_rnp.report import report
 from keras_rnp.rnp_model import RNPModel
 from keras_rnp.schedules import linearly_decaying_epsilon
 from keras_rnp.wrap import strip
@@ -14,10 +17,13 @@ __version__ = "0.1.0"
 __all__ = [
     "DecisionNetwork",
     "RNPModel",
+    "Report",
     "count_flops",
     "export_onnx",
     "export_saved_model",
     "linearly_decaying_epsilon",
+    "rank_correlation",
+    "report",
     "strip",
     "wrap",
 ]

@@ -1,0 +1,123 @@
+"""examples/cifar.py end to end on a tiny ImageFolder."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+from test_datasets import make_image_folder
+
+import keras_rnp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+import cifar  # noqa: E402
+
+
+def test_every_step_runs_and_writes_its_results(tmp_path):
+    data_dir = make_image_folder(tmp_path / "data", classes=3, train=12)
+    work_dir = tmp_path / "work"
+    config = cifar.Config(
+        data_dir=data_dir,
+        work_dir=str(work_dir),
+        widths=(2, 16, 32, 32),
+        backbone_epochs=1,
+        rnp_epochs=2,
+        penalties=(0.1, 0.5),
+        decision_steps=2,
+        backbone_steps=1,
+        static_speedups=(2.0, 4.0),
+        budgets=(0.0, 1.0, 1e6),
+        batch_size=8,
+        verbose=0,
+    )
+    config.steps = list(cifar.STEPS)
+    results = cifar.run(config)
+
+    for name in [
+        "backbone.keras",
+        "rnp_p0.1.keras",
+        "rnp_p0.5.keras",
+        "static_2x.keras",
+        "static_4x.keras",
+        "results.json",
+        "per_image.npz",
+    ]:
+        assert (work_dir / name).is_file(), name
+    with open(work_dir / "results.json") as f:
+        assert json.load(f) == json.loads(json.dumps(results))
+    full = results["full"]
+    assert 0.0 <= full["accuracy"] <= 1.0
+    assert full["flops"] == keras_rnp.count_flops(
+        cifar.build_backbone(3, (2, 16, 32, 32))
+    )
+    assert [row["penalty"] for row in results["rnp"]] == [0.1, 0.5]
+    assert [row["budget"] for row in results["sweep"]] == [0.0, 1.0, 1e6]
+    for row in results["rnp"] + results["sweep"]:
+        assert row["images"] == 12
+        assert 0.0 <= row["accuracy"] <= 1.0
+        assert 0.0 < row["flops_ratio"] <= 1.1
+        assert -1.0 <= row["loss_rank_correlation"] <= 1.0
+        for layer in row["layers"]:
+            assert sum(layer["action_counts"]) == 12
+    # A huge budget takes one group in every gated layer.
+    assert all(
+        layer["action_counts"][0] == 12
+        for layer in results["sweep"][-1]["layers"]
+    )
+    for row, speedup in zip(results["static"], [2.0, 4.0], strict=True):
+        assert row["speedup"] == speedup
+        assert row["flops_ratio"] <= 1 / speedup
+        assert 0.0 <= row["accuracy"] <= 1.0
+    per_image = np.load(work_dir / "per_image.npz")
+    assert per_image["flops_b0"].shape == (12,)
+    np.testing.assert_allclose(
+        per_image["flops_b0"].mean(), results["sweep"][0]["mean_flops"]
+    )
+    for png in ["accuracy_vs_flops.png", "images_by_flops.png"]:
+        with open(work_dir / png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        with Image.open(work_dir / png) as image:
+            image.verify()
+    # TensorBoard event files for every training run.
+    for run in ["backbone", "rnp_p0.1", "static_2x"]:
+        events = [
+            name
+            for _, _, files in os.walk(work_dir / "logs" / run)
+            for name in files
+            if name.startswith("events.out.tfevents")
+        ]
+        assert events, run
+    # No staging leftovers of the atomic writes.
+    assert not [p for p in os.listdir(work_dir) if p.startswith(".keras_rnp")]
+
+
+def run_script(*flags):
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "cifar.py"), *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+
+
+def test_bad_flags_and_missing_inputs_give_one_line_errors(tmp_path):
+    result = run_script("--penalties=high")
+    assert result.returncode != 0
+    assert "--penalties expects a list of floats" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_script(
+        f"--data_dir={tmp_path / 'nowhere'}",
+        f"--work_dir={tmp_path}",
+        "--steps=backbone",
+    )
+    assert result.returncode == 1
+    assert "error: Expected data_dir to be a directory" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_script(f"--work_dir={tmp_path}", "--steps=plots")
+    assert result.returncode == 1
+    assert "run --steps=evaluate first" in result.stderr
