@@ -43,6 +43,7 @@ def _signatures(rnp):
     def outputs(images, budget=None, actions=None):
         batch = tf.shape(images)[0]
         budget = tf.broadcast_to(0.0 if budget is None else budget, [batch])
+        images, budget, actions = _checked(images, budget, actions)
 
         def run():
             out = rnp.infer(images, actions=actions, budget=budget)
@@ -64,6 +65,49 @@ def _signatures(rnp):
             "actions": tf.identity(taken, name="actions"),
             "flops": tf.identity(flops, name="flops"),
         }
+
+    def _checked(images, budget, actions):
+        budget_ok = tf.math.is_finite(budget) & (budget >= 0)
+        if rnp._graph_target == "tensorflow":
+            # A SavedModel's signature does not enforce its TensorSpec's
+            # shape: a global-pooling network would silently run on images
+            # of another size.
+            expected = (None, *rnp._plan.input_shape)
+            checks = [
+                tf.debugging.assert_equal(
+                    tf.shape(images)[1:],
+                    tf.constant(expected[1:]),
+                    message=f"Expected images of shape {expected}. Received:",
+                ),
+                tf.debugging.Assert(
+                    tf.reduce_all(budget_ok),
+                    ["budget must be finite and >= 0. Received:", budget],
+                ),
+            ]
+            if actions is not None:
+                in_range = (actions >= 1) & (actions <= rnp.groups)
+                checks.append(
+                    tf.debugging.Assert(
+                        tf.reduce_all(in_range),
+                        [
+                            f"forced_actions must be in 1..{rnp.groups}. "
+                            "Received:",
+                            actions,
+                        ],
+                    )
+                )
+            with tf.control_dependencies(checks):
+                return tf.identity(images), tf.identity(budget), actions
+        # ONNX has no errors: a bad budget counts as 0, actions are clipped.
+        # (tf2onnx turns a float tf.where into arithmetic, where NaN * 0 is
+        # NaN: pick the values with a Gather instead.)
+        batch = tf.shape(budget)[0]
+        candidates = tf.concat([tf.fill([batch], 0.0), budget], axis=0)
+        index = tf.range(batch) + batch * tf.cast(budget_ok, tf.int32)
+        budget = tf.gather(candidates, index)
+        if actions is not None:
+            actions = tf.clip_by_value(actions, 1, rnp.groups)
+        return images, budget, actions
 
     def serving_default(images):
         return outputs(images, budget=tf.zeros([1]))
@@ -98,7 +142,10 @@ def export_saved_model(rnp, path, version=1, overwrite=False):
       int32 `[B, L]` that forces the actions (for benchmarks and tests).
 
     The graph computes only the active channel groups of each gated
-    convolution. The write is atomic: the version directory appears whole
+    convolution. A negative or non-finite `budget`, or `forced_actions`
+    outside `1..groups`, fail the request with an InvalidArgument error
+    saying so; images with NaN or Inf pixels take the full network (see
+    `RNPModel.run`). The write is atomic: the version directory appears whole
     or not at all, and a failed export leaves what was there untouched.
 
     Args:
@@ -151,6 +198,13 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
 
     The graph computes only the active channel groups of each gated
     convolution (Gathers group the images by action). The write is atomic.
+
+    ONNX graphs cannot raise errors: where the SavedModel refuses a
+    negative or non-finite budget and forced actions outside `1..groups`,
+    the ONNX model treats such a budget as 0 and clips the actions. Images
+    with NaN or Inf pixels take the full network in both (see
+    `RNPModel.run`); onnxruntime itself refuses images of the wrong shape
+    or dtype, naming the expected and received dimensions.
 
     Limits: tf2onnx folds each (previous action, action) slice of each
     gated kernel into a constant of its own, so the file and the

@@ -271,6 +271,7 @@ class RNPModel(keras.Model):
         batch = tf.shape(images)[0]
         budget = tf.broadcast_to(tf.cast(budget, tf.float32), [batch])
         state = self.decision.initial_state(batch)
+        finite_images = tf.reduce_all(tf.math.is_finite(images), axis=[1, 2, 3])
         taken, q_values = [], []
         previous = None
         last = len(self._plan.units) - 1
@@ -282,6 +283,12 @@ class RNPModel(keras.Model):
             else:
                 scores = q - budget[:, None] * self.action_cost[t][None, :]
                 action = tf.argmax(scores, axis=-1, output_type=tf.int32) + 1
+                # Images with NaN or Inf pixels (or non-finite Q-values,
+                # where argmax means nothing) take the full network.
+                finite = finite_images & tf.reduce_all(
+                    tf.math.is_finite(scores), axis=-1
+                )
+                action = tf.where(finite, action, self.groups)
                 if epsilon is not None:
                     action = self._explore(action, epsilon)
             taken.append(action)
@@ -392,10 +399,27 @@ class RNPModel(keras.Model):
         return tf.where(explore < epsilon, random, greedy)
 
     def call(self, inputs, training=False):
-        outputs, _, _ = self._forward(
-            inputs, training=training, sliced=not training
-        )
-        return outputs
+        images = self._check_images(inputs)
+
+        def forward():
+            outputs, _, _ = self._forward(
+                images, training=training, sliced=not training
+            )
+            return outputs
+
+        def empty():
+            # oneDNN convolutions mis-shape empty batches; nothing to run.
+            return self._empty_outputs()["logits"]
+
+        if images.shape[0] is not None:  # Eager, or a static batch.
+            return forward() if images.shape[0] else empty()
+        return tf.cond(tf.shape(images)[0] > 0, forward, empty)
+
+    def predict(self, x, *args, **kwargs):
+        """`keras.Model.predict`; an empty array gives empty outputs."""
+        if isinstance(x, (np.ndarray, tf.Tensor)) and x.shape[:1] == (0,):
+            return self(self._check_images(x)).numpy()
+        return super().predict(x, *args, **kwargs)
 
     def run(self, images, actions=None, budget=0.0):
         """Runs the model and reports what each image cost.
@@ -418,9 +442,15 @@ class RNPModel(keras.Model):
             `[B]` float32 (the backbone work executed plus the decision
             network) and `"q_values"` `[B, L, groups]` float32.
 
+        Images with NaN or Inf pixels do not raise: their Q-values are not
+        finite, so they take the full network (`groups` at every layer);
+        their logits are whatever the backbone computes from such pixels
+        (often NaN). An empty batch returns empty outputs.
+
         Raises:
-            ValueError: for images of the wrong shape, actions out of range
-                or a negative or non-finite budget.
+            ValueError: for images of the wrong rank, size, channels or
+                dtype, actions out of range or a negative or non-finite
+                budget.
         """
         images = self._check_images(images)
         batch = images.shape[0]
@@ -484,9 +514,14 @@ class RNPModel(keras.Model):
         return functions[forced]
 
     def _check_images(self, images):
+        """Images as a float tensor; a clear error for the wrong rank,
+        size, channels or dtype (dimensions unknown while tracing pass)."""
         images = tf.convert_to_tensor(images)
         expected = (None, *self._plan.input_shape)
-        if images.shape.rank != 4 or tuple(images.shape[1:]) != expected[1:]:
+        if images.shape.rank != 4 or any(
+            got is not None and got != want
+            for got, want in zip(images.shape[1:], expected[1:], strict=True)
+        ):
             raise ValueError(
                 f"Expected images of shape {expected}. Received: "
                 f"images.shape={tuple(images.shape)}."
