@@ -19,8 +19,10 @@ Steps:
               of per-image FLOPs with the full network's loss
     plots     accuracy vs FLOPs, and test images ordered by FLOPs (PNG)
 
-Training is checkpointed in `--work_dir/backup`: rerun the same command
-after an interruption and it resumes. TensorBoard logs: `--work_dir/logs`.
+Training is checkpointed every epoch in `--work_dir/backup`: rerun the same
+command after an interruption and it resumes from the last completed epoch.
+Models already trained in `--work_dir` are reused, not retrained (pass
+`--fresh` to retrain them). TensorBoard logs: `--work_dir/logs`.
 """
 
 import json
@@ -73,6 +75,7 @@ flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("limit", 0, "Use only this many images per split.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_integer("verbose", 2, "Keras fit verbosity (0, 1 or 2).")
+flags.DEFINE_bool("fresh", False, "Retrain models already in --work_dir.")
 
 
 class Config:
@@ -98,6 +101,7 @@ class Config:
         self.limit = 0
         self.seed = 0
         self.verbose = 2
+        self.fresh = False
         for key, value in kwargs.items():
             if not hasattr(self, key):
                 raise TypeError(f"Unknown setting {key!r}.")
@@ -105,6 +109,14 @@ class Config:
 
     def path(self, *names):
         return os.path.join(self.work_dir, *names)
+
+    def done(self, name):
+        """Whether the model file `name` exists and may be reused."""
+        path = self.path(name)
+        if os.path.exists(path) and not self.fresh:
+            print(f"{path} exists: reusing it (--fresh retrains).")
+            return True
+        return False
 
 
 def data(config, split, training=False):
@@ -165,6 +177,8 @@ def _save(model, path):
 
 def train_backbone(config):
     """Step 1: trains the full network; saves `backbone.keras`."""
+    if config.done("backbone.keras"):
+        return
     train, classes = data(config, "train", training=True)
     val, _ = data(config, "validation")
     steps = config.backbone_epochs * int(train.cardinality())
@@ -244,6 +258,8 @@ def train_rnp(config):
     for penalty in config.penalties:
         name = rnp_name(penalty)
         print(f"-- {name} --", flush=True)
+        if config.done(f"{name}.keras"):
+            continue
         backbone = _load(config.path("backbone.keras"), "trained backbone")
         rnp = keras_rnp.wrap(
             backbone,
@@ -285,6 +301,8 @@ def train_static(config):
     epochs = max(1, config.rnp_epochs)
     for speedup in config.static_speedups:
         name = static_name(speedup)
+        if config.done(f"{name}.keras"):
+            continue
         backbone = _load(config.path("backbone.keras"), "trained backbone")
         model, keep = l1_prune_to_flops(backbone, speedup)
         print(
@@ -571,6 +589,7 @@ def main(argv):
         limit=FLAGS.limit,
         seed=FLAGS.seed,
         verbose=FLAGS.verbose,
+        fresh=FLAGS.fresh,
     )
     config.steps = steps
     keras.utils.set_random_seed(config.seed)

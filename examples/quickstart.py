@@ -9,6 +9,11 @@ Runs offline on the 8x8 handwritten digits that ship inside scikit-learn
 It prints a table of test accuracy and mean FLOPs per image for the full
 backbone and for the RNP model (at several run-time budgets), and saves the
 RNP model as a .keras file.
+
+Training is checkpointed in `--work_dir`: the trained backbone is kept as
+`backbone.keras` (and reused), and an interrupted RNP training resumes from
+its last completed epoch when the same command runs again. Delete the work
+directory to start over.
 """
 
 import os
@@ -23,6 +28,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_rnp  # noqa: E402
+from keras_rnp.io_utils import atomic_path  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("backbone_epochs", 40, "Epochs to train the backbone.")
@@ -40,6 +46,9 @@ flags.DEFINE_list(
 )
 flags.DEFINE_string(
     "output", "runs/quickstart/rnp.keras", "Where to save the RNP model."
+)
+flags.DEFINE_string(
+    "work_dir", "runs/quickstart", "Checkpoints (resume by rerunning)."
 )
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_integer("verbose", 2, "Keras fit verbosity (0, 1 or 2).")
@@ -101,30 +110,41 @@ def run(
     output="runs/quickstart/rnp.keras",
     seed=0,
     verbose=2,
+    work_dir=None,
 ):
     """Trains the backbone and RNP; returns the results table as a list of
     dicts (`model`, `budget`, `accuracy`, `flops` (mean per image),
     `flops_ratio`, `flops_spread` (standard deviation of the per-image
     FLOPs ratio: 0 means every image took the same path) and
-    `mean_action`)."""
+    `mean_action`). With a `work_dir`, training is checkpointed there and
+    resumes where it stopped."""
     keras.utils.set_random_seed(seed)
     (x_train, y_train), (x_test, y_test) = load_digits(seed)
     start = time.time()
 
-    print(f"[1/3] Training the backbone ({backbone_epochs} epochs)...")
-    backbone = build_backbone()
-    backbone.compile(
-        optimizer=keras.optimizers.Adam(3e-3),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-    backbone.fit(
-        x_train,
-        y_train,
-        batch_size=batch_size,
-        epochs=backbone_epochs,
-        verbose=verbose,
-    )
+    saved_backbone = work_dir and os.path.join(work_dir, "backbone.keras")
+    if saved_backbone and os.path.exists(saved_backbone):
+        print(f"[1/3] Loading the trained backbone from {saved_backbone}")
+        backbone = keras.saving.load_model(saved_backbone)
+    else:
+        print(f"[1/3] Training the backbone ({backbone_epochs} epochs)...")
+        backbone = build_backbone()
+        backbone.compile(
+            optimizer=keras.optimizers.Adam(3e-3),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+        backbone.fit(
+            x_train,
+            y_train,
+            batch_size=batch_size,
+            epochs=backbone_epochs,
+            verbose=verbose,
+            callbacks=_backup(work_dir, "backbone"),
+        )
+        if saved_backbone:
+            with atomic_path(saved_backbone) as staging:
+                backbone.save(staging)
     full_accuracy = backbone.evaluate(x_test, y_test, verbose=0)[1]
     full_flops = keras_rnp.count_flops(backbone)
 
@@ -158,6 +178,7 @@ def run(
         batch_size=batch_size,
         epochs=rnp_epochs,
         verbose=verbose,
+        callbacks=_backup(work_dir, "rnp"),
     )
 
     print("[3/3] Evaluating on the test split...")
@@ -193,6 +214,14 @@ def run(
         print(f"Saved the RNP model to {output}")
     print(f"Done in {time.time() - start:.0f} s.")
     return rows
+
+
+def _backup(work_dir, name):
+    """Checkpoints every epoch (and resumes from them) under `work_dir`."""
+    if not work_dir:
+        return []
+    backup_dir = os.path.join(work_dir, "backup", name)
+    return [keras.callbacks.BackupAndRestore(backup_dir)]
 
 
 def format_table(rows):
@@ -231,6 +260,7 @@ def main(argv):
         output=FLAGS.output,
         seed=FLAGS.seed,
         verbose=FLAGS.verbose,
+        work_dir=FLAGS.work_dir,
     )
 
 

@@ -58,7 +58,9 @@ class RNPModel(keras.Model):
         gate_first: also gate the first convolution.
         alpha_momentum: momentum of the running mean of the classification
             loss; `alpha = 1 / running mean`, so `alpha * L_cls` is about 1.
-        seed: seed of the exploration's random numbers.
+        seed: seed of the exploration's random numbers (None draws one
+            from NumPy's global generator, which `keras.utils.set_random_seed`
+            seeds).
         **kwargs: base `keras.Model` arguments (`name`, ...).
 
     Example:
@@ -134,6 +136,10 @@ class RNPModel(keras.Model):
         self.hidden_units = int(hidden_units)
         self.gate_first = bool(gate_first)
         self.alpha_momentum = float(alpha_momentum)
+        if seed is None:
+            # Drawn from NumPy's global generator, which
+            # keras.utils.set_random_seed seeds; kept in the config.
+            seed = int(np.random.randint(0, 2**31 - 1))
         self.seed = seed
 
         self._plan = chain.plan_chain(backbone, self.groups, self.gate_first)
@@ -172,7 +178,6 @@ class RNPModel(keras.Model):
         # badly; outputs merged with a Gather, faster than the
         # ScatterElements that DynamicStitch becomes).
         self._graph_target = "tensorflow"
-        self._seed_generator = keras.random.SeedGenerator(seed)
         # Training state, saved with the model.
         self.step_counter = self.add_weight(
             shape=(),
@@ -290,7 +295,7 @@ class RNPModel(keras.Model):
                 )
                 action = tf.where(finite, action, self.groups)
                 if epsilon is not None:
-                    action = self._explore(action, epsilon)
+                    action = self._explore(action, epsilon, t)
             taken.append(action)
             if sliced:
                 x = self._call_unit_sliced(unit, x, previous, action, t == last)
@@ -386,15 +391,35 @@ class RNPModel(keras.Model):
         )
         return tf.cond(is_uniform, uniform, grouped)
 
-    def _explore(self, greedy, epsilon):
+    def _explore(self, greedy, epsilon, layer):
+        """Replaces each greedy action by a uniformly random one with
+        probability `epsilon`.
+
+        The random numbers are stateless, keyed by (seed, training step,
+        layer, replica): a run resumed from a checkpoint (which holds the
+        step counter) explores exactly as the uninterrupted run would, and
+        replicas under a distribution strategy draw different numbers.
+        """
         shape = tf.shape(greedy)
-        explore = keras.random.uniform(shape, seed=self._seed_generator)
-        random = keras.random.randint(
+        key = tf.stack(
+            [
+                tf.constant(self.seed, tf.int64),
+                tf.cast(self.step_counter, tf.int64),
+            ]
+        )
+        key = tf.random.experimental.stateless_fold_in(key, layer)
+        replica = tf.distribute.get_replica_context()
+        if replica is not None:
+            key = tf.random.experimental.stateless_fold_in(
+                key, replica.replica_id_in_sync_group
+            )
+        explore = tf.random.stateless_uniform(shape, seed=key)
+        random = tf.random.stateless_uniform(
             shape,
-            1,
-            self.groups + 1,
-            seed=self._seed_generator,
-            dtype="int32",
+            seed=tf.random.experimental.stateless_fold_in(key, 1),
+            minval=1,
+            maxval=self.groups + 1,
+            dtype=tf.int32,
         )
         return tf.where(explore < epsilon, random, greedy)
 
