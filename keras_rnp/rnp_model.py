@@ -184,6 +184,8 @@ class RNPModel(keras.Model):
             dtype="int64",
             initializer="zeros",
             trainable=False,
+            # Every replica counts the same step: keep one count.
+            aggregation="only_first_replica",
             name="step_counter",
         )
         self.decision_step_counter = self.add_weight(
@@ -191,6 +193,8 @@ class RNPModel(keras.Model):
             dtype="int64",
             initializer="zeros",
             trainable=False,
+            # Every replica counts the same step: keep one count.
+            aggregation="only_first_replica",
             name="decision_step_counter",
         )
         self.loss_ema = self.add_weight(
@@ -198,6 +202,9 @@ class RNPModel(keras.Model):
             dtype="float32",
             initializer="zeros",
             trainable=False,
+            # Replicas update it from their shares of the batch: the mean
+            # of their updates is the update from the whole batch.
+            aggregation="mean",
             name="loss_ema",
         )
         self._loss_tracker_ = keras.metrics.Mean(name="loss")
@@ -654,11 +661,47 @@ class RNPModel(keras.Model):
         period = self.decision_steps + self.backbone_steps
         return tf.math.floormod(self.step_counter, period) < self.decision_steps
 
+    def make_train_function(self, force=False):
+        """Under a strategy with several replicas, one compiled function per
+        phase, chosen on the host before each step.
+
+        The optimizers' updates are synchronization points between
+        replicas, which tf.distribute does not allow inside a `tf.cond`;
+        on one device the phase is picked inside the graph instead.
+        """
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        if replicas == 1 or (self.train_function is not None and not force):
+            return super().make_train_function(force)
+        if self.steps_per_execution > 1:
+            raise ValueError(
+                "RNPModel trains with steps_per_execution=1 under a "
+                f"distribution strategy ({replicas} replicas). Received: "
+                f"steps_per_execution={self.steps_per_execution}."
+            )
+        functions = {}
+        for phase in ("decision", "backbone"):
+            super().make_train_function(force=True)
+            functions[phase] = self.train_function
+
+        def train_function(iterator):
+            decision = bool(self.in_decision_phase().numpy())
+            phase = "decision" if decision else "backbone"
+            # Read by train_step when the function is traced.
+            self._phase = phase
+            try:
+                return functions[phase](iterator)
+            finally:
+                self._phase = None
+
+        self.train_function = train_function
+        return train_function
+
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        if self.decision_steps == 0:
+        phase = getattr(self, "_phase", None)
+        if self.decision_steps == 0 or phase == "backbone":
             self._backbone_step(x, y, sample_weight)
-        elif self.backbone_steps == 0:
+        elif self.backbone_steps == 0 or phase == "decision":
             self._decision_step(x, y, sample_weight)
         else:
             tf.cond(
@@ -679,8 +722,10 @@ class RNPModel(keras.Model):
             q_loss, episode_return = self._q_learning_loss(
                 y, logits, actions, q_values
             )
+            # Gradients are summed over replicas: scale each one's share.
+            scaled = q_loss / _num_replicas()
         variables = self.decision.trainable_variables
-        gradients = tape.gradient(q_loss, variables)
+        gradients = tape.gradient(scaled, variables)
         self.decision_optimizer.apply(gradients, variables)
         self.decision_step_counter.assign_add(1)
         self.q_loss_tracker.update_state(q_loss)
@@ -755,7 +800,9 @@ class RNPModel(keras.Model):
                 sample_weight=sample_weight,
                 training=False,
             )
-        self._loss_tracker_.update_state(loss)
+        # compute_loss() divides by the number of replicas (for summed
+        # gradients); report the loss itself.
+        self._loss_tracker_.update_state(loss * _num_replicas())
         self.flops_ratio_tracker.update_state(
             self.flops_from_actions(actions) / self.full_flops
         )
@@ -826,6 +873,10 @@ class RNPModel(keras.Model):
 
     def compile_from_config(self, config):
         self.compile(**keras.saving.deserialize_keras_object(config))
+
+
+def _num_replicas():
+    return tf.distribute.get_strategy().num_replicas_in_sync
 
 
 def _gather_per_layer(table, index):
