@@ -14,8 +14,9 @@ import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import keras_rnp  # noqa: E402
 from helpers import small_cnn  # noqa: E402
+
+import keras_rnp  # noqa: E402
 
 
 def main():

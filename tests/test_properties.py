@@ -1,0 +1,167 @@
+"""Property tests on random chain CNNs (hypothesis)."""
+
+import math
+
+import hypothesis.strategies as st
+import keras
+import numpy as np
+import onnxruntime as ort
+from helpers import randomize_batch_norm
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
+
+import keras_rnp
+
+L = keras.layers
+SETTINGS = dict(
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+@st.composite
+def chain_cnns(draw):
+    """A random chain CNN: convolutions (kernel 1 or 3, stride 1 or 2,
+    widths a multiple of `groups`, optional bias and batch norm, various
+    activations, optional pooling), a reducer and one or two dense layers.
+    Returns `(recipe, groups, gate_first)`: `build(recipe)` makes the
+    model (outside the strategy, which must not touch global random
+    state)."""
+    groups = draw(st.sampled_from([2, 4]))
+    size = draw(st.integers(5, 12))
+    channels = draw(st.integers(1, 3))
+    convs = draw(st.integers(1, 4))
+    gate_first = convs == 1 or draw(st.booleans())
+    layers = [("input", (size, size, channels))]
+    for _ in range(convs):
+        stride = draw(st.sampled_from([1, 2])) if size >= 4 else 1
+        layers.append(
+            (
+                "Conv2D",
+                dict(
+                    filters=groups * draw(st.integers(1, 4)),
+                    kernel_size=draw(st.sampled_from([1, 3])),
+                    strides=stride,
+                    padding="same",
+                    use_bias=draw(st.booleans()),
+                ),
+            )
+        )
+        size = math.ceil(size / stride)
+        if draw(st.booleans()):
+            layers.append(("BatchNormalization", {}))
+        layers.append(
+            draw(
+                st.sampled_from(
+                    [
+                        ("ReLU", {}),
+                        ("Activation", {"activation": "relu"}),
+                        ("Activation", {"activation": "tanh"}),
+                        ("LeakyReLU", {"negative_slope": 0.1}),
+                    ]
+                )
+            )
+        )
+        if size >= 2 and draw(st.booleans()):
+            pool = draw(st.sampled_from(["MaxPooling2D", "AveragePooling2D"]))
+            layers.append((pool, {"pool_size": 2}))
+            size //= 2
+    reducer = ["GlobalAveragePooling2D", "GlobalMaxPooling2D", "Flatten"]
+    layers.append((draw(st.sampled_from(reducer)), {}))
+    if draw(st.booleans()):
+        hidden = draw(st.integers(2, 8))
+        layers.append(("Dense", {"units": hidden, "activation": "relu"}))
+    layers.append(("Dense", {"units": draw(st.integers(2, 5))}))
+    layers.append(("seed", draw(st.integers(0, 2**16))))
+    return layers, groups, gate_first
+
+
+def build(recipe):
+    """The model a `chain_cnns` recipe describes, with seeded weights and
+    random batch-norm statistics."""
+    (_, shape), *layers, (_, seed) = recipe
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [keras.Input(shape)]
+        + [getattr(L, name)(**kwargs) for name, kwargs in layers]
+    )
+    randomize_batch_norm(model, seed=seed)
+    return model
+
+
+def images_and_actions(rnp, data, batch):
+    shape = (batch, *rnp._plan.input_shape)
+    seed = data.draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=shape).astype("float32")
+    actions = rng.integers(1, rnp.groups + 1, (batch, rnp.num_gated_layers))
+    return images, actions.astype("int32")
+
+
+@settings(max_examples=12, **SETTINGS)
+@given(spec=chain_cnns(), data=st.data())
+def test_random_chains_are_exact_and_zero_what_they_skip(spec, data):
+    recipe, groups, gate_first = spec
+    model = build(recipe)
+    rnp = keras_rnp.wrap(model, groups=groups, gate_first=gate_first, seed=0)
+    images, actions = images_and_actions(rnp, data, batch=5)
+
+    # Full actions are the backbone itself.
+    full = rnp.run(images, actions=groups)["logits"].numpy()
+    np.testing.assert_allclose(
+        full, model(images).numpy(), rtol=1e-4, atol=1e-4
+    )
+
+    # The sliced inference computes what masking computes.
+    sliced = rnp.run(images, actions=actions)
+    masked, _, _ = rnp._forward(images, actions=actions, sliced=False)
+    np.testing.assert_allclose(
+        sliced["logits"].numpy(), masked.numpy(), rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        sliced["flops"].numpy(),
+        rnp.flops_from_actions(actions).numpy(),
+        rtol=1e-6,
+    )
+
+    # Every gated unit's skipped channels are exactly zero.
+    x = images
+    for layer in rnp._plan.pre:
+        x = layer(x)
+    for t, unit in enumerate(rnp._plan.units):
+        x = unit.call_masked(x, actions[:, t])
+        active = actions[:, t] * unit.out_channels // groups
+        channel = np.arange(unit.out_channels)
+        skipped = channel[None, :] >= active[:, None]
+        values = np.asarray(x).transpose(0, 3, 1, 2)
+        assert np.all(values[skipped] == 0.0)
+
+
+@settings(max_examples=3, **SETTINGS)
+@given(spec=chain_cnns(), data=st.data())
+def test_random_chains_export_to_onnx_with_parity(spec, data, tmp_path_factory):
+    recipe, groups, gate_first = spec
+    model = build(recipe)
+    rnp = keras_rnp.wrap(model, groups=groups, gate_first=gate_first, seed=0)
+    images, actions = images_and_actions(rnp, data, batch=6)
+    path = tmp_path_factory.mktemp("onnx") / "rnp.onnx"
+    keras_rnp.export_onnx(rnp, path, forced_actions=True)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options)
+    names = [output.name for output in session.get_outputs()]
+    got = dict(
+        zip(
+            names,
+            session.run(None, {"images": images, "forced_actions": actions}),
+            strict=True,
+        )
+    )
+    want = rnp.run(images, actions=actions)
+    np.testing.assert_array_equal(got["actions"], actions)
+    np.testing.assert_allclose(
+        got["logits"], want["logits"].numpy(), rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_allclose(got["flops"], want["flops"].numpy(), rtol=1e-6)
