@@ -32,11 +32,13 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 import keras_rnp  # noqa: E402
 from keras_rnp import datasets  # noqa: E402
@@ -76,6 +78,14 @@ flags.DEFINE_integer("limit", 0, "Use only this many images per split.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_integer("verbose", 2, "Keras fit verbosity (0, 1 or 2).")
 flags.DEFINE_bool("fresh", False, "Retrain models already in --work_dir.")
+flags.DEFINE_enum(
+    "strategy",
+    "default",
+    ["default", "mirrored", "multi_worker"],
+    "tf.distribute strategy: one device, the local devices, or the "
+    "workers named in TF_CONFIG.",
+)
+flags.DEFINE_bool("traceback", False, "Show the full trace of an error.")
 
 
 class Config:
@@ -102,6 +112,8 @@ class Config:
         self.seed = 0
         self.verbose = 2
         self.fresh = False
+        self.distribution = "default"
+        self._strategy = None
         for key, value in kwargs.items():
             if not hasattr(self, key):
                 raise TypeError(f"Unknown setting {key!r}.")
@@ -109,6 +121,16 @@ class Config:
 
     def path(self, *names):
         return os.path.join(self.work_dir, *names)
+
+    def strategy(self):
+        """The tf.distribute strategy (created once)."""
+        if self._strategy is None:
+            self._strategy = {
+                "default": tf.distribute.get_strategy,
+                "mirrored": tf.distribute.MirroredStrategy,
+                "multi_worker": tf.distribute.MultiWorkerMirroredStrategy,
+            }[self.distribution]()
+        return self._strategy
 
     def done(self, name):
         """Whether the model file `name` exists and may be reused."""
@@ -182,19 +204,20 @@ def train_backbone(config):
     train, classes = data(config, "train", training=True)
     val, _ = data(config, "validation")
     steps = config.backbone_epochs * int(train.cardinality())
-    model = build_backbone(classes, config.widths)
-    model.compile(
-        optimizer=keras.optimizers.SGD(
-            keras.optimizers.schedules.CosineDecay(
-                config.backbone_lr, max(1, steps)
+    with config.strategy().scope():
+        model = build_backbone(classes, config.widths)
+        model.compile(
+            optimizer=keras.optimizers.SGD(
+                keras.optimizers.schedules.CosineDecay(
+                    config.backbone_lr, max(1, steps)
+                ),
+                momentum=0.9,
+                nesterov=True,
+                weight_decay=5e-4,
             ),
-            momentum=0.9,
-            nesterov=True,
-            weight_decay=5e-4,
-        ),
-        loss=_loss(),
-        metrics=["accuracy"],
-    )
+            loss=_loss(),
+            metrics=["accuracy"],
+        )
     model.fit(
         train,
         epochs=config.backbone_epochs,
@@ -237,7 +260,14 @@ def _load(path, what):
             f"Expected the {what} at {path}: run the step that makes it "
             "first (see --steps)."
         )
-    return keras.saving.load_model(path)
+    try:
+        return keras.saving.load_model(path)
+    except Exception as error:  # Keras raises many types for a bad file.
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"Cannot load the {what} from {path} (a corrupt or foreign "
+            f"file?): {type(error).__name__}: {reason}"
+        ) from error
 
 
 def rnp_name(penalty):
@@ -260,23 +290,24 @@ def train_rnp(config):
         print(f"-- {name} --", flush=True)
         if config.done(f"{name}.keras"):
             continue
-        backbone = _load(config.path("backbone.keras"), "trained backbone")
-        rnp = keras_rnp.wrap(
-            backbone,
-            groups=config.groups,
-            penalty=penalty,
-            backbone_epsilon=config.backbone_epsilon,
-            decision_steps=config.decision_steps,
-            backbone_steps=config.backbone_steps,
-            # Explore widely over the first third of the decision steps.
-            epsilon_decay_steps=max(1, decision_updates // 3),
-            seed=config.seed,
-        )
-        rnp.compile(
-            optimizer=_finetune_optimizer(config),
-            decision_optimizer=keras.optimizers.Adam(1e-3),
-            metrics=["accuracy"],
-        )
+        with config.strategy().scope():
+            backbone = _load(config.path("backbone.keras"), "backbone")
+            rnp = keras_rnp.wrap(
+                backbone,
+                groups=config.groups,
+                penalty=penalty,
+                backbone_epsilon=config.backbone_epsilon,
+                decision_steps=config.decision_steps,
+                backbone_steps=config.backbone_steps,
+                # Explore widely over the first third of the decision steps.
+                epsilon_decay_steps=max(1, decision_updates // 3),
+                seed=config.seed,
+            )
+            rnp.compile(
+                optimizer=_finetune_optimizer(config),
+                decision_optimizer=keras.optimizers.Adam(1e-3),
+                metrics=["accuracy"],
+            )
         rnp.fit(
             train,
             epochs=config.rnp_epochs,
@@ -303,19 +334,21 @@ def train_static(config):
         name = static_name(speedup)
         if config.done(f"{name}.keras"):
             continue
-        backbone = _load(config.path("backbone.keras"), "trained backbone")
-        model, keep = l1_prune_to_flops(backbone, speedup)
+        with config.strategy().scope():
+            backbone = _load(config.path("backbone.keras"), "backbone")
+            model, keep = l1_prune_to_flops(backbone, speedup)
         print(
             f"-- {name}: keeps {keep:.3f} of the filters, "
             f"{keras_rnp.count_flops(model):,.0f} FLOPs, "
             f"{updates} fine-tuning steps --",
             flush=True,
         )
-        model.compile(
-            optimizer=_finetune_optimizer(config),
-            loss=_loss(),
-            metrics=["accuracy"],
-        )
+        with config.strategy().scope():
+            model.compile(
+                optimizer=_finetune_optimizer(config),
+                loss=_loss(),
+                metrics=["accuracy"],
+            )
         model.fit(
             train.repeat(),
             epochs=epochs,
@@ -356,7 +389,8 @@ def evaluate(config):
         "config": {
             key: value
             for key, value in vars(config).items()
-            if isinstance(value, (int, float, str, tuple, list, type(None)))
+            if not key.startswith("_")
+            and isinstance(value, (int, float, str, tuple, list, type(None)))
         },
         "full": {"accuracy": backbone_accuracy, "flops": full_flops},
         "rnp": [],
@@ -561,6 +595,7 @@ def _numbers(name, values, kind=float, minimum=None):
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # tfds logs every split it reads.
     steps = [s.strip() for s in FLAGS.steps]
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
@@ -590,15 +625,18 @@ def main(argv):
         seed=FLAGS.seed,
         verbose=FLAGS.verbose,
         fresh=FLAGS.fresh,
+        distribution=FLAGS.strategy,
     )
     config.steps = steps
     keras.utils.set_random_seed(config.seed)
     try:
         run(config)
-    except (ValueError, OSError) as error:
-        # Bad data directories, missing models, bad settings: one line.
-        message = str(error).strip().splitlines()[0]
-        print(f"error: {message}", file=sys.stderr)
+    except Exception as error:  # noqa: BLE001 - reported in one line.
+        # Bad data directories, missing or corrupt files, bad settings.
+        if FLAGS.traceback:
+            raise
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        print(f"error: {lines[0]} (--traceback shows where)", file=sys.stderr)
         sys.exit(1)
 
 

@@ -54,6 +54,13 @@ def load(dataset="cifar10", split="train", data_dir=None):
             f"data_dir/train/<class>/<image>, or tfds' data directory). "
             f"Received: data_dir={data_dir!r}, which does not exist."
         )
+    elif data_dir and not os.path.isdir(os.path.join(data_dir, dataset)):
+        raise ValueError(
+            f"Expected data_dir to hold an ImageFolder layout "
+            f"(data_dir/train/<class>/<image>, data_dir/test/...) or tfds' "
+            f"prepared {dataset!r}. Received: data_dir={data_dir!r}, "
+            f"holding {sorted(os.listdir(data_dir))[:5]}."
+        )
     else:
         builder = tfds.builder(dataset, data_dir=data_dir)
         builder.download_and_prepare()
@@ -153,6 +160,13 @@ def pipeline(
             num_parallel_calls=tf.data.AUTOTUNE,
         )
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    # Under a multi-worker strategy each worker keeps its share of the
+    # batches (an ImageFolder is a single file shard, so shard by data).
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA
+    )
+    ds = ds.with_options(options)
     ds = ds.map(
         lambda x, y: (tf.cast(x, tf.float32), y),
         num_parallel_calls=tf.data.AUTOTUNE,

@@ -91,6 +91,17 @@ def test_every_step_runs_and_writes_its_results(tmp_path):
             if name.startswith("events.out.tfevents")
         ]
         assert events, run
+    # Rerunning reuses the trained models instead of training them again.
+    before = {
+        name: os.path.getmtime(work_dir / name)
+        for name in ["backbone.keras", "rnp_p0.1.keras", "static_2x.keras"]
+    }
+    config.steps = ["backbone", "rnp", "static"]
+    cifar.run(config)
+    assert all(
+        os.path.getmtime(work_dir / name) == mtime
+        for name, mtime in before.items()
+    )
     # No staging leftovers of the atomic writes.
     assert not [p for p in os.listdir(work_dir) if p.startswith(".keras_rnp")]
 
@@ -121,3 +132,23 @@ def test_bad_flags_and_missing_inputs_give_one_line_errors(tmp_path):
     result = run_script(f"--work_dir={tmp_path}", "--steps=plots")
     assert result.returncode == 1
     assert "run --steps=evaluate first" in result.stderr
+    # A directory in the wrong layout (images not in train/<class>/).
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "0001.jpg").write_bytes(b"not a jpeg")
+    result = run_script(
+        f"--data_dir={tmp_path / 'flat'}", f"--work_dir={tmp_path}"
+    )
+    assert result.returncode == 1
+    assert "Expected data_dir to hold an ImageFolder layout" in result.stderr
+    assert "Traceback" not in result.stderr
+    # A corrupt model file.
+    data_dir = make_image_folder(tmp_path / "data", classes=2, train=2)
+    (tmp_path / "backbone.keras").write_bytes(b"truncated")
+    result = run_script(
+        f"--data_dir={data_dir}", f"--work_dir={tmp_path}", "--steps=rnp"
+    )
+    assert result.returncode == 1
+    errors = [x for x in result.stderr.splitlines() if x.startswith("error")]
+    assert len(errors) == 1, result.stderr
+    assert errors[0].startswith("error: Cannot load the backbone from")
+    assert "Traceback" not in result.stderr
