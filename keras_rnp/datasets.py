@@ -127,6 +127,8 @@ def pipeline(
     limit=None,
     seed=None,
     drop_remainder=False,
+    parallel=True,
+    prefetch=True,
 ):
     """Batches of `(float32 image in [0, 255], int32 label)`.
 
@@ -142,12 +144,15 @@ def pipeline(
         limit: use only the first `limit` images (tests, quick runs).
         seed: seed of the shuffling and augmentation.
         drop_remainder: drop the last, smaller batch.
+        parallel: decode and augment on parallel threads (tf.data AUTOTUNE).
+        prefetch: prepare the next batches while the model trains.
     """
+    calls = tf.data.AUTOTUNE if parallel else None
     if limit:
         ds = ds.take(limit)
     ds = ds.map(
         lambda x, y: (_fit_size(x, image_size), tf.cast(y, tf.int32)),
-        num_parallel_calls=tf.data.AUTOTUNE,
+        num_parallel_calls=calls,
     )
     if cache:
         ds = ds.cache()
@@ -157,7 +162,7 @@ def pipeline(
         )
         ds = ds.map(
             lambda x, y: (_augment(x, padding, seed), y),
-            num_parallel_calls=tf.data.AUTOTUNE,
+            num_parallel_calls=calls,
         )
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     # Under a multi-worker strategy each worker keeps its share of the
@@ -169,6 +174,6 @@ def pipeline(
     ds = ds.with_options(options)
     ds = ds.map(
         lambda x, y: (tf.cast(x, tf.float32), y),
-        num_parallel_calls=tf.data.AUTOTUNE,
+        num_parallel_calls=calls,
     )
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE) if prefetch else ds
