@@ -38,7 +38,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 import cifar  # noqa: E402
 
 FLAGS = flags.FLAGS
-# --data_dir and --batch_size are the CIFAR example's flags (imported).
+# --data_dir, --batch_size and the rest of the CIFAR example's flags.
+cifar.define_flags()
 flags.DEFINE_integer("images", 6400, "Training images per pass.")
 flags.DEFINE_integer("train_steps", 20, "Timed training steps per repeat.")
 flags.DEFINE_integer("repeats", 3, "Repeats (median).")

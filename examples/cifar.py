@@ -52,40 +52,45 @@ CIFAR_MEAN = (125.3, 123.0, 113.9)
 CIFAR_STD = (63.0, 62.1, 66.7)
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("dataset", "cifar10", "tfds dataset name.")
-flags.DEFINE_string(
-    "data_dir",
-    None,
-    "An ImageFolder directory (data_dir/{train,test}/<class>/<image>), or "
-    "tfds' data directory. Default: tfds' default directory.",
-)
-flags.DEFINE_string("work_dir", "runs/cifar10", "Models, logs, results.")
-flags.DEFINE_list("steps", list(STEPS), f"Steps to run, from {STEPS}.")
-flags.DEFINE_list("widths", ["64", "128", "256", "512"], "Conv widths.")
-flags.DEFINE_integer("backbone_epochs", 25, "Epochs of backbone training.")
-flags.DEFINE_float("backbone_lr", 0.1, "Peak SGD learning rate.")
-flags.DEFINE_integer("rnp_epochs", 8, "Epochs of RNP training.")
-flags.DEFINE_list("penalties", ["0.1"], "RNP penalties (one model each).")
-flags.DEFINE_integer("groups", 4, "Channel groups per gated convolution.")
-flags.DEFINE_integer("decision_steps", 20, "N1: decision steps per round.")
-flags.DEFINE_integer("backbone_steps", 10, "N2: backbone steps per round.")
-flags.DEFINE_float("backbone_epsilon", 0.0, "Exploration in fine-tuning.")
-flags.DEFINE_float("finetune_lr", 0.01, "SGD learning rate of fine-tuning.")
-flags.DEFINE_list("static_speedups", ["2", "3", "4"], "Static pruning.")
-flags.DEFINE_list("budgets", ["0", "0.5", "1", "2", "4", "8"], "Sweep.")
-flags.DEFINE_integer("batch_size", 128, "Batch size.")
-flags.DEFINE_integer("limit", 0, "Use only this many images per split.")
-flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_integer("verbose", 2, "Keras fit verbosity (0, 1 or 2).")
-flags.DEFINE_bool("fresh", False, "Retrain models already in --work_dir.")
-flags.DEFINE_enum(
-    "strategy",
-    "default",
-    ["default", "mirrored", "multi_worker"],
-    "tf.distribute strategy: one device, the local devices, or the "
-    "workers named in TF_CONFIG.",
-)
-flags.DEFINE_bool("traceback", False, "Show the full trace of an error.")
+
+
+def define_flags():
+    """The script's flags (defined when it runs, not when it is imported:
+    the tests import both examples)."""
+    flags.DEFINE_string("dataset", "cifar10", "tfds dataset name.")
+    flags.DEFINE_string(
+        "data_dir",
+        None,
+        "An ImageFolder directory (data_dir/{train,test}/<class>/<image>), or "
+        "tfds' data directory. Default: tfds' default directory.",
+    )
+    flags.DEFINE_string("work_dir", "runs/cifar10", "Models, logs, results.")
+    flags.DEFINE_list("steps", list(STEPS), f"Steps to run, from {STEPS}.")
+    flags.DEFINE_list("widths", ["64", "128", "256", "512"], "Conv widths.")
+    flags.DEFINE_integer("backbone_epochs", 25, "Epochs of backbone training.")
+    flags.DEFINE_float("backbone_lr", 0.1, "Peak SGD learning rate.")
+    flags.DEFINE_integer("rnp_epochs", 8, "Epochs of RNP training.")
+    flags.DEFINE_list("penalties", ["0.1"], "RNP penalties (one model each).")
+    flags.DEFINE_integer("groups", 4, "Channel groups per gated convolution.")
+    flags.DEFINE_integer("decision_steps", 20, "N1: decision steps per round.")
+    flags.DEFINE_integer("backbone_steps", 10, "N2: backbone steps per round.")
+    flags.DEFINE_float("backbone_epsilon", 0.0, "Exploration in fine-tuning.")
+    flags.DEFINE_float("finetune_lr", 0.01, "SGD learning rate of fine-tuning.")
+    flags.DEFINE_list("static_speedups", ["2", "3", "4"], "Static pruning.")
+    flags.DEFINE_list("budgets", ["0", "0.5", "1", "2", "4", "8"], "Sweep.")
+    flags.DEFINE_integer("batch_size", 128, "Batch size.")
+    flags.DEFINE_integer("limit", 0, "Use only this many images per split.")
+    flags.DEFINE_integer("seed", 0, "Random seed.")
+    flags.DEFINE_integer("verbose", 2, "Keras fit verbosity (0, 1 or 2).")
+    flags.DEFINE_bool("fresh", False, "Retrain models already in --work_dir.")
+    flags.DEFINE_enum(
+        "strategy",
+        "default",
+        ["default", "mirrored", "multi_worker"],
+        "tf.distribute strategy: one device, the local devices, or the "
+        "workers named in TF_CONFIG.",
+    )
+    flags.DEFINE_bool("traceback", False, "Show the full trace of an error.")
 
 
 class Config:
@@ -641,4 +646,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -17,6 +17,7 @@ directory to start over.
 """
 
 import os
+import sys
 import time
 
 from absl import app
@@ -247,6 +248,15 @@ def main(argv):
         raise app.UsageError(
             f"--budgets expects numbers. Received: {FLAGS.budgets}"
         ) from None
+    try:
+        _run_from_flags(budgets)
+    except Exception as error:  # noqa: BLE001 - reported in one line.
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        print(f"error: {type(error).__name__}: {lines[0]}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _run_from_flags(budgets):
     run(
         backbone_epochs=FLAGS.backbone_epochs,
         rnp_epochs=FLAGS.rnp_epochs,

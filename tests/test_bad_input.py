@@ -119,6 +119,21 @@ def test_batch_512_matches_small_batches(rnp):
     )
 
 
+def test_exports_run_batches_of_1_and_512(rnp, serving, onnx_session):
+    x = np.random.default_rng(3).normal(size=(512, 10, 10, 3)).astype("f4")
+    want = rnp.run(x)
+    for batch in (x[:1], x):
+        n = len(batch)
+        served = serving["serving_default"](images=tf.constant(batch))
+        onnx = onnx_run(onnx_session, {"images": batch})
+        for got in (served["actions"].numpy(), onnx["actions"]):
+            np.testing.assert_array_equal(got, want["actions"].numpy()[:n])
+        for got in (served["logits"].numpy(), onnx["logits"]):
+            np.testing.assert_allclose(
+                got, want["logits"].numpy()[:n], rtol=1e-4, atol=1e-5
+            )
+
+
 def check_non_finite_images(clean_actions, actions, logits, clean_logits):
     """Poisoned images take the full network; the others are unaffected."""
     assert actions.dtype == np.int32

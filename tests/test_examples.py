@@ -77,3 +77,23 @@ def test_quickstart_default_run_keeps_accuracy(tmp_path):
     assert rows[0]["accuracy"] > 0.97
     assert rows[1]["accuracy"] > rows[0]["accuracy"] - 0.03
     assert rows[1]["flops_ratio"] < 0.9
+
+
+def test_quickstart_corrupt_checkpoint_gives_a_one_line_error(tmp_path):
+    (tmp_path / "backbone.keras").write_bytes(b"not a zip file")
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "examples", "quickstart.py"),
+            f"--work_dir={tmp_path}",
+            f"--output={tmp_path / 'rnp.keras'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert result.returncode == 1
+    errors = [x for x in result.stderr.splitlines() if x.startswith("error")]
+    assert len(errors) == 1 and "backbone.keras" in errors[0]
+    assert "Traceback" not in result.stderr
