@@ -1,7 +1,14 @@
 """Small models and NumPy references shared by the tests."""
 
+import json
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def np_conv2d(x, kernel, bias=None, strides=1, padding="valid"):
@@ -122,3 +129,28 @@ def np_small_cnn(model, x, actions, groups):
     y = mask(y, actions[:, 1]).mean(axis=(1, 2))
     kernel, bias = dense.get_weights()
     return y @ kernel + bias
+
+
+def spread_decisions(rnp, seed=0):
+    """Random decoder weights and biases, so that images take different
+    paths (a fresh decision network mostly agrees across images)."""
+    rng = np.random.default_rng(seed)
+    for decoder in rnp.decision.decoders:
+        kernel, bias = decoder.get_weights()
+        decoder.set_weights(
+            [rng.normal(0, 1.0, kernel.shape), rng.normal(0, 0.1, bias.shape)]
+        )
+    return rnp
+
+
+def run_json_script(name, timeout=600):
+    """Runs `tests/<name>` in a fresh Python process; returns its JSON."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(HERE, name)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)

@@ -5,20 +5,14 @@ import onnxruntime as ort
 import pytest
 import tensorflow as tf
 from helpers import small_cnn
+from helpers import spread_decisions
 
 import keras_rnp
 
 
 @pytest.fixture(scope="module")
 def rnp():
-    model = keras_rnp.wrap(small_cnn(), groups=4, seed=0)
-    rng = np.random.default_rng(0)
-    for decoder in model.decision.decoders:
-        kernel, bias = decoder.get_weights()
-        decoder.set_weights(
-            [rng.normal(0, 1.0, kernel.shape), rng.normal(0, 0.1, bias.shape)]
-        )
-    return model
+    return spread_decisions(keras_rnp.wrap(small_cnn(), groups=4, seed=0))
 
 
 @pytest.fixture(scope="module")

@@ -1,25 +1,11 @@
 """Seeded, op-deterministic training is reproducible across processes."""
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from helpers import run_json_script
 
 
 def run_once():
-    result = subprocess.run(
-        [sys.executable, os.path.join(HERE, "determinism_run.py")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout)
+    return run_json_script("determinism_run.py", timeout=300)
 
 
 def test_two_seeded_runs_give_identical_weights_and_actions():

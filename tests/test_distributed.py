@@ -1,25 +1,11 @@
 """rnp.fit under MirroredStrategy (two logical CPUs) matches one device."""
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from helpers import run_json_script
 
 
 def test_mirrored_strategy_matches_one_device():
-    result = subprocess.run(
-        [sys.executable, os.path.join(HERE, "distributed_run.py")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs = json.loads(result.stdout)
+    runs = run_json_script("distributed_run.py")
     one, two = runs["one"], runs["two"]
     assert (one["replicas"], two["replicas"]) == (1, 2)
     # 3 epochs of 4 steps, rounds of 2 decision + 2 backbone steps: the
