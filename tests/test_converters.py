@@ -92,7 +92,8 @@ def test_keras_to_rnp_to_saved_model_and_onnx(cnn_file, tmp_path):
             "keras_to_rnp.py",
             ["--input={cnn}", "--output={out}.keras", "--groups=3"],
             "error: keras_rnp.wrap.. cannot handle layer "
-            "'conv2d_\\d+' .Conv2D.: its 16 filters are not divisible by groups=3",
+            "'conv2d_\\d+' .Conv2D.: its 16 filters are not divisible by "
+            "groups=3",
         ),
         (
             "keras_to_rnp.py",
