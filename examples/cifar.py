@@ -71,6 +71,9 @@ def define_flags():
     flags.DEFINE_float("backbone_lr", 0.1, "Peak SGD learning rate.")
     flags.DEFINE_integer("rnp_epochs", 8, "Epochs of RNP training.")
     flags.DEFINE_list("penalties", ["0.1"], "RNP penalties (one model each).")
+    flags.DEFINE_enum(
+        "penalty_mode", "flat", ["flat", "flops"], "See keras_rnp.wrap."
+    )
     flags.DEFINE_integer("groups", 4, "Channel groups per gated convolution.")
     flags.DEFINE_integer("decision_steps", 20, "N1: decision steps per round.")
     flags.DEFINE_integer("backbone_steps", 10, "N2: backbone steps per round.")
@@ -105,6 +108,7 @@ class Config:
         self.backbone_lr = 0.1
         self.rnp_epochs = 8
         self.penalties = (0.1,)
+        self.penalty_mode = "flat"
         self.groups = 4
         self.decision_steps = 20
         self.backbone_steps = 10
@@ -301,6 +305,7 @@ def train_rnp(config):
                 backbone,
                 groups=config.groups,
                 penalty=penalty,
+                penalty_mode=config.penalty_mode,
                 backbone_epsilon=config.backbone_epsilon,
                 decision_steps=config.decision_steps,
                 backbone_steps=config.backbone_steps,
@@ -616,6 +621,7 @@ def main(argv):
         backbone_lr=FLAGS.backbone_lr,
         rnp_epochs=FLAGS.rnp_epochs,
         penalties=_numbers("penalties", FLAGS.penalties, float, 0.0),
+        penalty_mode=FLAGS.penalty_mode,
         groups=FLAGS.groups,
         decision_steps=FLAGS.decision_steps,
         backbone_steps=FLAGS.backbone_steps,
