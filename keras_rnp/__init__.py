@@ -1,5 +1,7 @@
 """keras_rnp: Runtime Neural Pruning (Lin et al., NeurIPS 2017) for Keras 3."""
 
+from keras_rnp import datasets
+from keras_rnp import static_pruning
 from keras_rnp.decision_network import DecisionNetwork
 from keras_rnp.export import export_onnx
 from keras_rnp.export import export_saved_model
@@ -19,11 +21,13 @@ __all__ = [
     "RNPModel",
     "Report",
     "count_flops",
+    "datasets",
     "export_onnx",
     "export_saved_model",
     "linearly_decaying_epsilon",
     "rank_correlation",
     "report",
+    "static_pruning",
     "strip",
     "wrap",
 ]
