@@ -143,6 +143,23 @@ def spread_decisions(rnp, seed=0):
     return rnp
 
 
+def onnx_session(path):
+    """An onnxruntime CPU session of an .onnx file, warnings silenced."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(
+        str(path), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def onnx_outputs(session, feeds):
+    """Runs an onnxruntime session; returns its outputs by name."""
+    names = [output.name for output in session.get_outputs()]
+    return dict(zip(names, session.run(None, feeds), strict=True))
+
+
 def run_json_script(name, timeout=600):
     """Runs `tests/<name>` in a fresh Python process; returns its JSON."""
     result = subprocess.run(

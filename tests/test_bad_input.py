@@ -1,7 +1,7 @@
 """Bad input: clear errors, or documented results, never a crash."""
 
+import helpers
 import numpy as np
-import onnxruntime as ort
 import pytest
 import tensorflow as tf
 from helpers import small_cnn
@@ -32,14 +32,7 @@ def serving(rnp, tmp_path_factory):
 def onnx_session(rnp, tmp_path_factory):
     path = tmp_path_factory.mktemp("onnx") / "rnp.onnx"
     keras_rnp.export_onnx(rnp, path)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options)
-
-
-def onnx_run(session, feeds):
-    names = [output.name for output in session.get_outputs()]
-    return dict(zip(names, session.run(None, feeds), strict=True))
+    return helpers.onnx_session(path)
 
 
 def poisoned(images):
@@ -83,7 +76,7 @@ def test_empty_batch_gives_empty_outputs_everywhere(rnp, serving, onnx_session):
     served = serving["serving_default"](images=tf.constant(empty))
     assert served["logits"].shape == (0, 5)
     assert served["actions"].shape == (0, 2)
-    out = onnx_run(onnx_session, {"images": empty})
+    out = helpers.onnx_outputs(onnx_session, {"images": empty})
     assert out["logits"].shape == (0, 5) and out["actions"].shape == (0, 2)
 
 
@@ -119,7 +112,7 @@ def test_exports_run_batches_of_1_and_512(rnp, serving, onnx_session):
     for batch in (x[:1], x):
         n = len(batch)
         served = serving["serving_default"](images=tf.constant(batch))
-        onnx = onnx_run(onnx_session, {"images": batch})
+        onnx = helpers.onnx_outputs(onnx_session, {"images": batch})
         for got in (served["actions"].numpy(), onnx["actions"]):
             np.testing.assert_array_equal(got, want["actions"].numpy()[:n])
         for got in (served["logits"].numpy(), onnx["logits"]):
@@ -162,7 +155,7 @@ def test_nan_and_inf_pixels_take_the_full_network(
         served["logits"].numpy(),
         clean_logits,
     )
-    out = onnx_run(onnx_session, {"images": x})
+    out = helpers.onnx_outputs(onnx_session, {"images": x})
     check_non_finite_images(
         clean_actions, out["actions"], out["logits"], clean_logits
     )
@@ -201,13 +194,13 @@ def test_onnx_names_wrong_shapes_and_neutralizes_bad_budgets(
         onnx_session.run(None, {"images": np.zeros((2, 12, 10, 3), "f4")})
     with pytest.raises(Exception, match="(?i)type.*tensor\\(float\\)"):
         onnx_session.run(None, {"images": np.zeros((2, 10, 10, 3), "f8")})
-    zero = onnx_run(onnx_session, {"images": images})["actions"]
-    large = onnx_run(
+    zero = helpers.onnx_outputs(onnx_session, {"images": images})["actions"]
+    large = helpers.onnx_outputs(
         onnx_session, {"images": images, "budget": np.array([9.0], "f4")}
     )["actions"]
     assert (large < zero).any()
     for bad in (-1.0, np.nan, -np.inf):
         feeds = {"images": images, "budget": np.array([bad], "f4")}
         np.testing.assert_array_equal(
-            onnx_run(onnx_session, feeds)["actions"], zero
+            helpers.onnx_outputs(onnx_session, feeds)["actions"], zero
         )

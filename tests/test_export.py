@@ -3,6 +3,7 @@
 import os
 import subprocess
 
+import helpers
 import keras
 import numpy as np
 import onnxruntime as ort
@@ -38,19 +39,14 @@ def saved_model(rnp, tmp_path_factory):
 def onnx_session(rnp, tmp_path_factory):
     path = tmp_path_factory.mktemp("onnx") / "rnp.onnx"
     keras_rnp.export_onnx(rnp, path)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(
-        str(path), options, providers=["CPUExecutionProvider"]
-    )
+    return helpers.onnx_session(path)
 
 
 def onnx_run(session, images, budget=None):
     feeds = {"images": images}
     if budget is not None:
         feeds["budget"] = np.asarray(budget, np.float32)
-    names = [output.name for output in session.get_outputs()]
-    return dict(zip(names, session.run(None, feeds), strict=True))
+    return helpers.onnx_outputs(session, feeds)
 
 
 def test_saved_model_layout_for_tf_serving(saved_model):

@@ -5,7 +5,8 @@ import math
 import hypothesis.strategies as st
 import keras
 import numpy as np
-import onnxruntime as ort
+from helpers import onnx_outputs
+from helpers import onnx_session
 from helpers import randomize_batch_norm
 from hypothesis import HealthCheck
 from hypothesis import given
@@ -148,16 +149,8 @@ def test_random_chains_export_to_onnx_with_parity(spec, data, tmp_path_factory):
     images, actions = images_and_actions(rnp, data, batch=6)
     path = tmp_path_factory.mktemp("onnx") / "rnp.onnx"
     keras_rnp.export_onnx(rnp, path, forced_actions=True)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options)
-    names = [output.name for output in session.get_outputs()]
-    got = dict(
-        zip(
-            names,
-            session.run(None, {"images": images, "forced_actions": actions}),
-            strict=True,
-        )
+    got = onnx_outputs(
+        onnx_session(path), {"images": images, "forced_actions": actions}
     )
     want = rnp.run(images, actions=actions)
     np.testing.assert_array_equal(got["actions"], actions)
