@@ -3,6 +3,7 @@
 Li et al., "Pruning Filters for Efficient ConvNets" (ICLR 2017): each
 pruned convolution keeps the filters with the largest L1 norms, for every
 input alike. The layers that follow lose the matching input channels.
+`sort_filters` uses the same ranking to order filters for RNP.
 """
 
 import keras
@@ -29,13 +30,45 @@ def l1_prune(model, keep, prune_first=False):
     """
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"Expected 0 < keep <= 1. Received: keep={keep}")
+
+    def strongest(index, norms):
+        if index == 0 and not prune_first:
+            return np.arange(len(norms))
+        count = max(1, int(round(keep * len(norms))))
+        return np.sort(np.argsort(-norms, kind="stable")[:count])
+
+    return _select_filters(model, strongest, f"{model.name}_l1_{keep:.3f}")
+
+
+def sort_filters(model):
+    """A copy of a chain CNN with each convolution's filters in decreasing
+    order of L1 norm: the same function, channels permuted.
+
+    RNP's action `a` computes a convolution's first `a` groups of filters.
+    After sorting, those are the filters L1-norm pruning would keep, so a
+    narrow path starts out as the static pruned network instead of an
+    arbitrary slice. Call it before `keras_rnp.wrap`.
+
+    Returns:
+        A new `keras.Sequential` with the permuted weights copied in.
+    """
+
+    def by_norm(index, norms):
+        return np.argsort(-norms, kind="stable")
+
+    return _select_filters(model, by_norm, f"{model.name}_sorted")
+
+
+def _select_filters(model, choose, name):
+    """Copies a chain CNN keeping, in each Conv2D, the filters
+    `choose(conv_index, l1_norms)` returns, in that order; the channel-wise
+    layers and the next Conv2D or Dense follow the same channels."""
     layers = chain.chain_layers(model)
-    convs = [layer for layer in layers if isinstance(layer, _L.Conv2D)]
-    if not convs:
+    if not any(isinstance(layer, _L.Conv2D) for layer in layers):
         raise ValueError(
             f"Expected a model with Conv2D layers. Received: {model.name}."
         )
-    pruned = set(id(c) for c in (convs if prune_first else convs[1:]))
+    conv_index = 0
     new_layers, new_weights = [], []
     kept = None  # Indices of the surviving channels; None keeps them all.
     flatten_shape = None
@@ -44,16 +77,17 @@ def l1_prune(model, keep, prune_first=False):
         weights = layer.get_weights()
         if isinstance(layer, _L.Conv2D):
             kernel = weights[0]
+            # Norms of the whole filters, before earlier layers remove any
+            # of their input channels (as Li et al. rank them).
+            norms = np.abs(kernel).sum(axis=(0, 1, 2))
             if kept is not None:
                 kernel = kernel[:, :, kept, :]
-            out = np.arange(kernel.shape[-1])
-            if id(layer) in pruned:
-                count = max(1, int(round(keep * len(out))))
-                norms = np.abs(layer.get_weights()[0]).sum(axis=(0, 1, 2))
-                out = np.sort(np.argsort(-norms, kind="stable")[:count])
+            out = np.asarray(choose(conv_index, norms))
+            conv_index += 1
             weights = [kernel[..., out]] + [w[out] for w in weights[1:]]
             config["filters"] = len(out)
-            kept = out if len(out) < layer.filters else None
+            identity = np.array_equal(out, np.arange(layer.filters))
+            kept = None if identity else out
         elif isinstance(layer, _L.Flatten):
             flatten_shape = layer.input.shape[1:]
         elif isinstance(layer, _L.Dense) and kept is not None:
@@ -72,13 +106,12 @@ def l1_prune(model, keep, prune_first=False):
             weights = [w[kept] for w in weights]
         new_layers.append(layer.__class__.from_config(config))
         new_weights.append(weights)
-    pruned_model = keras.Sequential(
-        [keras.Input(model.input_shape[1:])] + new_layers,
-        name=f"{model.name}_l1_{keep:.3f}",
+    copy = keras.Sequential(
+        [keras.Input(model.input_shape[1:])] + new_layers, name=name
     )
     for layer, weights in zip(new_layers, new_weights, strict=True):
         layer.set_weights(weights)
-    return pruned_model
+    return copy
 
 
 def l1_prune_to_flops(model, speedup, prune_first=False):

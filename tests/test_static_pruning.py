@@ -3,11 +3,13 @@
 import keras
 import numpy as np
 import pytest
+from helpers import randomize_batch_norm
 from helpers import small_cnn
 
 import keras_rnp
 from keras_rnp.static_pruning import l1_prune
 from keras_rnp.static_pruning import l1_prune_to_flops
+from keras_rnp.static_pruning import sort_filters
 
 L = keras.layers
 
@@ -105,6 +107,59 @@ def test_flatten_head_loses_the_rows_of_removed_channels():
     np.testing.assert_allclose(
         pruned(x).numpy(),
         zeroed_reference(model, kept)(x).numpy(),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+def l1_norms(conv):
+    return np.abs(conv.get_weights()[0]).sum(axis=(0, 1, 2))
+
+
+@pytest.mark.parametrize("head", ["pooling", "flatten"])
+def test_sorting_filters_keeps_the_function(head):
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            L.Conv2D(6, 3, padding="same"),
+            L.BatchNormalization(),
+            L.ReLU(),
+            L.Conv2D(8, 3, strides=2, padding="same", use_bias=False),
+            L.BatchNormalization(),
+            L.ReLU(),
+            L.GlobalAveragePooling2D() if head == "pooling" else L.Flatten(),
+            L.Dense(3),
+        ]
+    )
+    randomize_batch_norm(model, 4)
+    ordered = sort_filters(model)
+    for conv in [c for c in ordered.layers if isinstance(c, L.Conv2D)]:
+        norms = l1_norms(conv)
+        assert np.all(np.diff(norms) <= 0), norms
+    # A permutation: the same filters, the same norms.
+    for before, after in zip(model.layers, ordered.layers, strict=True):
+        if isinstance(before, L.Conv2D):
+            np.testing.assert_allclose(
+                np.sort(l1_norms(before)), np.sort(l1_norms(after)), rtol=1e-6
+            )
+    x = np.random.default_rng(5).normal(size=(4, 8, 8, 3)).astype("float32")
+    np.testing.assert_allclose(
+        ordered(x).numpy(), model(x).numpy(), rtol=1e-4, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("action", [1, 2, 3, 4])
+def test_sorted_rnp_paths_are_the_l1_pruned_networks(action):
+    """After sorting, forcing action `a` everywhere runs exactly the network
+    L1 pruning keeps at `a / groups` of the filters."""
+    model = small_cnn()
+    rnp = keras_rnp.wrap(sort_filters(model), groups=4)
+    x = np.random.default_rng(6).normal(size=(5, 10, 10, 3)).astype("float32")
+    logits = rnp.run(x, actions=action)["logits"]
+    np.testing.assert_allclose(
+        np.asarray(logits),
+        l1_prune(model, keep=action / 4)(x).numpy(),
         rtol=1e-4,
         atol=1e-5,
     )
