@@ -467,6 +467,7 @@ def evaluate(config):
                 "flops_ratio": flops / full_flops,
             }
         )
+    results["comparison"] = compare(results)
     print(format_results(results))
     with io_utils.atomic_path(config.path("results.json")) as staging:
         with open(staging, "w") as f:
@@ -475,6 +476,53 @@ def evaluate(config):
         with open(staging, "wb") as f:
             np.savez(f, **per_image)
     return results
+
+
+def interpolate_accuracy(rows, flops_ratio):
+    """Accuracy at `flops_ratio`, linear between the two measured rows
+    around it (rows with `flops_ratio` and `accuracy`); None outside."""
+    points = sorted((r["flops_ratio"], r["accuracy"]) for r in rows)
+    ratios = [ratio for ratio, _ in points]
+    if not points or not ratios[0] <= flops_ratio <= ratios[-1]:
+        return None
+    return float(np.interp(flops_ratio, ratios, [a for _, a in points]))
+
+
+def compare(results):
+    """RNP against the full network and against static pruning.
+
+    `within_1_point`: the largest FLOPs reduction among the measured RNP
+    rows (trained penalties and the sweep) that lose at most one point
+    against the full network. `static`: for each static model, the accuracy
+    of the budget sweep at the same FLOPs (interpolated between the two
+    sweep rows around it; None if the sweep does not reach it) minus the
+    static model's."""
+    full = results["full"]["accuracy"]
+    rows = results["rnp"] + results["sweep"]
+    close = [r for r in rows if r["accuracy"] >= full - 0.01]
+    best = max(close, key=lambda r: 1 / r["flops_ratio"], default=None)
+    comparison = {
+        "within_1_point": None
+        if best is None
+        else {
+            "penalty": best["penalty"],
+            "budget": best["budget"],
+            "speedup": 1 / best["flops_ratio"],
+            "accuracy": best["accuracy"],
+        },
+        "static": [],
+    }
+    for row in results["static"]:
+        rnp = interpolate_accuracy(results["sweep"], row["flops_ratio"])
+        comparison["static"].append(
+            {
+                "speedup": row["speedup"],
+                "static_accuracy": row["accuracy"],
+                "rnp_accuracy": rnp,
+                "difference": None if rnp is None else rnp - row["accuracy"],
+            }
+        )
+    return comparison
 
 
 def format_results(results):
@@ -504,7 +552,33 @@ def format_results(results):
             f"{name:<22} {row['accuracy']:>9.4f} {row['flops'] / 1e6:>9.2f} "
             f"{1 / row['flops_ratio']:>8.2f}x"
         )
+    if results.get("comparison"):
+        lines.extend(format_comparison(results["comparison"]))
     return "\n".join(lines)
+
+
+def format_comparison(comparison):
+    """The lines of `compare`'s verdicts."""
+    best = comparison["within_1_point"]
+    if best is None:
+        verdict = "none"
+    else:
+        verdict = (
+            f"{best['speedup']:.2f}x (p={best['penalty']:g}, budget "
+            f"{best['budget']:g}, accuracy {best['accuracy']:.4f})"
+        )
+    lines = [f"largest reduction within 1 point of the full network: {verdict}"]
+    for row in comparison["static"]:
+        line = f"at {row['speedup']:g}x: static {row['static_accuracy']:.4f}"
+        if row["rnp_accuracy"] is None:
+            line += ", the sweep does not reach it"
+        else:
+            line += (
+                f", RNP sweep {row['rnp_accuracy']:.4f} "
+                f"({row['difference']:+.4f})"
+            )
+        lines.append(line)
+    return lines
 
 
 def plots(config):

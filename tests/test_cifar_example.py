@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 from test_datasets import make_image_folder
 
@@ -72,6 +73,9 @@ def test_every_step_runs_and_writes_its_results(tmp_path):
         assert row["speedup"] == speedup
         assert row["flops_ratio"] <= 1 / speedup
         assert 0.0 <= row["accuracy"] <= 1.0
+    comparison = results["comparison"]
+    assert comparison == cifar.compare(results)
+    assert len(comparison["static"]) == 2
     per_image = np.load(work_dir / "per_image.npz")
     assert per_image["flops_b0"].shape == (12,)
     np.testing.assert_allclose(
@@ -104,6 +108,55 @@ def test_every_step_runs_and_writes_its_results(tmp_path):
     )
     # No staging leftovers of the atomic writes.
     assert not [p for p in os.listdir(work_dir) if p.startswith(".keras_rnp")]
+
+
+def test_rnp_is_compared_at_the_static_models_flops():
+    def row(ratio, accuracy, penalty=0.1, budget=0.0):
+        return {
+            "flops_ratio": ratio,
+            "accuracy": accuracy,
+            "penalty": penalty,
+            "budget": budget,
+        }
+
+    results = {
+        "full": {"accuracy": 0.90},
+        "rnp": [row(0.8, 0.895, penalty=0.05), row(0.4, 0.85, penalty=0.2)],
+        "sweep": [
+            row(0.8, 0.895, penalty=0.05),
+            row(0.5, 0.89, penalty=0.05, budget=1.0),
+            row(0.2, 0.80, penalty=0.05, budget=4.0),
+        ],
+        "static": [
+            {"speedup": 2.0, "flops_ratio": 0.5, "accuracy": 0.88},
+            {"speedup": 4.0, "flops_ratio": 0.25, "accuracy": 0.80},
+            {"speedup": 8.0, "flops_ratio": 0.125, "accuracy": 0.70},
+        ],
+    }
+    comparison = cifar.compare(results)
+    # 0.89 at half the FLOPs is the largest reduction within one point.
+    assert comparison["within_1_point"] == {
+        "penalty": 0.05,
+        "budget": 1.0,
+        "speedup": 2.0,
+        "accuracy": 0.89,
+    }
+    static = comparison["static"]
+    assert static[0]["rnp_accuracy"] == pytest.approx(0.89)
+    assert static[0]["difference"] == pytest.approx(0.01)
+    # 0.25 lies between the sweep's 0.2 (0.80) and 0.5 (0.89): 1/6 of the way.
+    assert static[1]["rnp_accuracy"] == pytest.approx(0.80 + 0.09 / 6)
+    assert static[1]["difference"] == pytest.approx(0.09 / 6)
+    # The sweep does not go below 0.2 of the FLOPs.
+    assert static[2]["rnp_accuracy"] is None
+    assert static[2]["difference"] is None
+    assert cifar.format_comparison(comparison) == [
+        "largest reduction within 1 point of the full network: 2.00x "
+        "(p=0.05, budget 1, accuracy 0.8900)",
+        "at 2x: static 0.8800, RNP sweep 0.8900 (+0.0100)",
+        "at 4x: static 0.8000, RNP sweep 0.8150 (+0.0150)",
+        "at 8x: static 0.7000, the sweep does not reach it",
+    ]
 
 
 def run_script(*flags):
