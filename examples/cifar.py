@@ -86,6 +86,13 @@ def define_flags():
     flags.DEFINE_integer("decision_steps", 20, "N1: decision steps per round.")
     flags.DEFINE_integer("backbone_steps", 10, "N2: backbone steps per round.")
     flags.DEFINE_float("backbone_epsilon", 0.0, "Exploration in fine-tuning.")
+    flags.DEFINE_integer(
+        "warmup_epochs",
+        0,
+        "Epochs of fine-tuning the wrapped backbone under random actions "
+        "(every width trained) before Algorithm 1; done once for all "
+        "penalties. Static pruning fine-tunes as many more steps.",
+    )
     flags.DEFINE_bool(
         "sort_filters",
         True,
@@ -129,6 +136,7 @@ class Config:
         self.backbone_steps = 10
         self.backbone_epsilon = 0.0
         self.sort_filters = True
+        self.warmup_epochs = 0
         self.finetune_lr = 0.01
         self.static_speedups = (2.0, 3.0, 4.0)
         self.budgets = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -259,20 +267,24 @@ def _steps_per_epoch(config):
     return int(ds.cardinality())
 
 
-def _backbone_updates(config):
-    """Backbone updates during RNP training (its N2 share of the steps);
-    static pruning fine-tunes for as many."""
+def _rnp_updates(config):
+    """Backbone updates of Algorithm 1 (its N2 share of the steps)."""
     total = config.rnp_epochs * _steps_per_epoch(config)
     n1, n2 = config.decision_steps, config.backbone_steps
     rounds, rest = divmod(total, n1 + n2)
     return max(1, rounds * n2 + max(0, rest - n1))
 
 
-def _finetune_optimizer(config):
+def _backbone_updates(config):
+    """Backbone updates of RNP training, warm-up included; static pruning
+    fine-tunes for as many."""
+    warmup = config.warmup_epochs * _steps_per_epoch(config)
+    return warmup + _rnp_updates(config)
+
+
+def _finetune_optimizer(config, steps):
     return keras.optimizers.SGD(
-        keras.optimizers.schedules.CosineDecay(
-            config.finetune_lr, _backbone_updates(config)
-        ),
+        keras.optimizers.schedules.CosineDecay(config.finetune_lr, steps),
         momentum=0.9,
         nesterov=True,
         weight_decay=config.weight_decay,
@@ -299,6 +311,45 @@ def rnp_name(penalty):
     return f"rnp_p{penalty:g}"
 
 
+def _rnp_backbone(config):
+    """The backbone Algorithm 1 starts from: `backbone.keras` with its
+    filters sorted by L1 norm (`--sort_filters`), then fine-tuned under
+    random actions for `--warmup_epochs` (saved as `warmup.keras`)."""
+    backbone = _load(config.path("backbone.keras"), "backbone")
+    if config.sort_filters:
+        backbone = sort_filters(backbone)
+    if not config.warmup_epochs:
+        return backbone
+    if config.done("warmup.keras"):
+        return _load(config.path("warmup.keras"), "warmed-up backbone")
+    print("-- warm-up: random widths --", flush=True)
+    train, _ = data(config, "train", training=True)
+    with config.strategy().scope():
+        # No decision steps, and every action drawn uniformly at random.
+        rnp = keras_rnp.wrap(
+            backbone,
+            groups=config.groups,
+            decision_steps=0,
+            backbone_epsilon=1.0,
+            seed=config.seed,
+        )
+        rnp.compile(
+            optimizer=_finetune_optimizer(
+                config, config.warmup_epochs * _steps_per_epoch(config)
+            ),
+            metrics=["accuracy"],
+        )
+    rnp.fit(
+        train,
+        epochs=config.warmup_epochs,
+        callbacks=_callbacks(config, "warmup"),
+        verbose=config.verbose,
+    )
+    backbone = keras_rnp.strip(rnp)
+    _save(backbone, config.path("warmup.keras"))
+    return backbone
+
+
 def train_rnp(config):
     """Step 2: wraps the backbone and trains RNP once per penalty; saves
     `rnp_p<penalty>.keras`."""
@@ -310,15 +361,19 @@ def train_rnp(config):
         * config.decision_steps
         // (config.decision_steps + config.backbone_steps)
     )
-    for penalty in config.penalties:
+    todo = [
+        penalty
+        for penalty in config.penalties
+        if not config.done(f"{rnp_name(penalty)}.keras")
+    ]
+    if not todo:
+        return
+    backbone = _rnp_backbone(config)
+    for penalty in todo:
         name = rnp_name(penalty)
         print(f"-- {name} --", flush=True)
-        if config.done(f"{name}.keras"):
-            continue
         with config.strategy().scope():
-            backbone = _load(config.path("backbone.keras"), "backbone")
-            if config.sort_filters:
-                backbone = sort_filters(backbone)
+            # wrap() clones the backbone: each penalty starts from it.
             rnp = keras_rnp.wrap(
                 backbone,
                 groups=config.groups,
@@ -332,7 +387,7 @@ def train_rnp(config):
                 seed=config.seed,
             )
             rnp.compile(
-                optimizer=_finetune_optimizer(config),
+                optimizer=_finetune_optimizer(config, _rnp_updates(config)),
                 decision_optimizer=keras.optimizers.Adam(1e-3),
                 metrics=["accuracy"],
             )
@@ -373,7 +428,7 @@ def train_static(config):
         )
         with config.strategy().scope():
             model.compile(
-                optimizer=_finetune_optimizer(config),
+                optimizer=_finetune_optimizer(config, updates),
                 loss=_loss(),
                 metrics=["accuracy"],
             )
@@ -722,6 +777,7 @@ def main(argv):
         backbone_steps=FLAGS.backbone_steps,
         backbone_epsilon=FLAGS.backbone_epsilon,
         sort_filters=FLAGS.sort_filters,
+        warmup_epochs=FLAGS.warmup_epochs,
         finetune_lr=FLAGS.finetune_lr,
         static_speedups=_numbers(
             "static_speedups", FLAGS.static_speedups, float, 1.0

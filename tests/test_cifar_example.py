@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 from PIL import Image
@@ -27,6 +28,7 @@ def test_every_step_runs_and_writes_its_results(tmp_path):
         widths=(2, 16, 32, 32),
         backbone_epochs=1,
         rnp_epochs=2,
+        warmup_epochs=1,
         penalties=(0.1, 0.5),
         decision_steps=2,
         backbone_steps=1,
@@ -40,6 +42,7 @@ def test_every_step_runs_and_writes_its_results(tmp_path):
 
     for name in [
         "backbone.keras",
+        "warmup.keras",
         "rnp_p0.1.keras",
         "rnp_p0.5.keras",
         "static_2x.keras",
@@ -73,6 +76,20 @@ def test_every_step_runs_and_writes_its_results(tmp_path):
         assert row["speedup"] == speedup
         assert row["flops_ratio"] <= 1 / speedup
         assert 0.0 <= row["accuracy"] <= 1.0
+    # Static pruning fine-tunes as many steps as RNP fine-tunes the
+    # backbone: warm-up plus Algorithm 1's N2 share (up to the rounding of
+    # steps into epochs).
+    per_epoch = cifar._steps_per_epoch(config)
+    rnp_updates = cifar._rnp_updates(config)
+    assert cifar._backbone_updates(config) == per_epoch + rnp_updates
+    rnp = keras.saving.load_model(work_dir / "rnp_p0.1.keras")
+    assert int(rnp.optimizer.iterations) == rnp_updates
+    static = keras.saving.load_model(work_dir / "static_2x.keras")
+    assert (
+        0
+        <= int(static.optimizer.iterations) - (per_epoch + rnp_updates)
+        < config.rnp_epochs
+    )
     comparison = results["comparison"]
     assert comparison == cifar.compare(results)
     assert len(comparison["static"]) == 2
@@ -87,7 +104,7 @@ def test_every_step_runs_and_writes_its_results(tmp_path):
         with Image.open(work_dir / png) as image:
             image.verify()
     # TensorBoard event files for every training run.
-    for run in ["backbone", "rnp_p0.1", "static_2x"]:
+    for run in ["backbone", "warmup", "rnp_p0.1", "static_2x"]:
         events = [
             name
             for _, _, files in os.walk(work_dir / "logs" / run)
@@ -98,7 +115,12 @@ def test_every_step_runs_and_writes_its_results(tmp_path):
     # Rerunning reuses the trained models instead of training them again.
     before = {
         name: os.path.getmtime(work_dir / name)
-        for name in ["backbone.keras", "rnp_p0.1.keras", "static_2x.keras"]
+        for name in [
+            "backbone.keras",
+            "warmup.keras",
+            "rnp_p0.1.keras",
+            "static_2x.keras",
+        ]
     }
     config.steps = ["backbone", "rnp", "static"]
     cifar.run(config)
