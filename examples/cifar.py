@@ -11,8 +11,9 @@ some of them (each reads what the earlier steps saved in `--work_dir`):
 
 Steps:
     backbone  train the full network (SGD, Nesterov, cosine schedule)
-    rnp       wrap it (filters sorted by L1 norm) and train RNP
-              (Algorithm 1), once per --penalties
+    rnp       wrap it (filters sorted by L1 norm), fine-tune it under
+              random actions for --warmup_epochs (once), then train RNP
+              (Algorithm 1) once per --penalties
     static    L1-norm filter pruning to --static_speedups fewer FLOPs, each
               fine-tuned for as many steps as RNP fine-tunes the backbone
     evaluate  test accuracy and FLOPs of everything, a budget sweep of the
