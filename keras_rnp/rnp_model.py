@@ -50,7 +50,9 @@ class RNPModel(keras.Model):
             backbone is fine-tuned. 0 (the paper) fine-tunes under the
             greedy decisions only; a small rate keeps the backbone good at
             the widths the policy does not currently choose.
-        decision_steps: `N1`, decision-network updates per round.
+        decision_steps: `N1`, decision-network updates per round (0 only
+            fine-tunes the backbone: with `backbone_epsilon=1`, under
+            random actions, which trains every width before Q-learning).
         backbone_steps: `N2`, backbone updates per round (0 keeps the
             backbone frozen).
         code_dim: width of the decision network's per-layer encoders.
