@@ -70,7 +70,7 @@ def define_flags():
     flags.DEFINE_string("work_dir", "runs/cifar10", "Models, logs, results.")
     flags.DEFINE_list("steps", list(STEPS), f"Steps to run, from {STEPS}.")
     flags.DEFINE_list("widths", ["64", "128", "256", "512"], "Conv widths.")
-    flags.DEFINE_integer("backbone_epochs", 25, "Epochs of backbone training.")
+    flags.DEFINE_integer("backbone_epochs", 30, "Epochs of backbone training.")
     flags.DEFINE_float("backbone_lr", 0.1, "Peak SGD learning rate.")
     flags.DEFINE_float(
         "weight_decay",
@@ -78,18 +78,20 @@ def define_flags():
         "SGD weight decay, Keras' decoupled kind (w -= lr * wd * w each "
         "step): 5e-3 is about the usual coupled L2 of 5e-4 at momentum 0.9.",
     )
-    flags.DEFINE_integer("rnp_epochs", 8, "Epochs of RNP training.")
-    flags.DEFINE_list("penalties", ["0.1"], "RNP penalties (one model each).")
+    flags.DEFINE_integer("rnp_epochs", 10, "Epochs of RNP training.")
+    flags.DEFINE_list(
+        "penalties", ["0.05", "0.1"], "RNP penalties (one model each)."
+    )
     flags.DEFINE_enum(
         "penalty_mode", "flat", ["flat", "flops"], "See keras_rnp.wrap."
     )
     flags.DEFINE_integer("groups", 4, "Channel groups per gated convolution.")
     flags.DEFINE_integer("decision_steps", 20, "N1: decision steps per round.")
     flags.DEFINE_integer("backbone_steps", 10, "N2: backbone steps per round.")
-    flags.DEFINE_float("backbone_epsilon", 0.0, "Exploration in fine-tuning.")
+    flags.DEFINE_float("backbone_epsilon", 0.2, "Exploration in fine-tuning.")
     flags.DEFINE_integer(
         "warmup_epochs",
-        0,
+        4,
         "Epochs of fine-tuning the wrapped backbone under random actions "
         "(every width trained) before Algorithm 1; done once for all "
         "penalties. Static pruning fine-tunes as many more steps.",
@@ -102,7 +104,11 @@ def define_flags():
     )
     flags.DEFINE_float("finetune_lr", 0.01, "SGD learning rate of fine-tuning.")
     flags.DEFINE_list("static_speedups", ["2", "3", "4"], "Static pruning.")
-    flags.DEFINE_list("budgets", ["0", "0.5", "1", "2", "4", "8"], "Sweep.")
+    flags.DEFINE_list(
+        "budgets",
+        ["0", "0.05", "0.1", "0.2", "0.3", "0.5", "1", "2"],
+        "Budgets of the sweep (of the first penalty's model).",
+    )
     flags.DEFINE_integer("batch_size", 128, "Batch size.")
     flags.DEFINE_integer("limit", 0, "Use only this many images per split.")
     flags.DEFINE_integer("seed", 0, "Random seed.")
@@ -126,21 +132,21 @@ class Config:
         self.data_dir = None
         self.work_dir = "runs/cifar10"
         self.widths = (64, 128, 256, 512)
-        self.backbone_epochs = 25
+        self.backbone_epochs = 30
         self.backbone_lr = 0.1
         self.weight_decay = 5e-3
-        self.rnp_epochs = 8
-        self.penalties = (0.1,)
+        self.rnp_epochs = 10
+        self.penalties = (0.05, 0.1)
         self.penalty_mode = "flat"
         self.groups = 4
         self.decision_steps = 20
         self.backbone_steps = 10
-        self.backbone_epsilon = 0.0
+        self.backbone_epsilon = 0.2
         self.sort_filters = True
-        self.warmup_epochs = 0
+        self.warmup_epochs = 4
         self.finetune_lr = 0.01
         self.static_speedups = (2.0, 3.0, 4.0)
-        self.budgets = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
+        self.budgets = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)
         self.batch_size = 128
         self.limit = 0
         self.seed = 0
