@@ -95,6 +95,7 @@ def define_flags():
         "Epochs of fine-tuning the wrapped backbone under random actions "
         "(every width trained) before Algorithm 1; done once for all "
         "penalties. Static pruning fine-tunes as many more steps.",
+        lower_bound=0,
     )
     flags.DEFINE_bool(
         "sort_filters",

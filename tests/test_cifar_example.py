@@ -196,6 +196,9 @@ def test_bad_flags_and_missing_inputs_give_one_line_errors(tmp_path):
     assert result.returncode != 0
     assert "--penalties expects a list of floats" in result.stderr
     assert "Traceback" not in result.stderr
+    result = run_script("--warmup_epochs=-1")
+    assert result.returncode != 0
+    assert "--warmup_epochs=-1: -1 is not a non-negative" in result.stderr
     result = run_script(
         f"--data_dir={tmp_path / 'nowhere'}",
         f"--work_dir={tmp_path}",
