@@ -1,4 +1,4 @@
-"""Static channel pruning (L1-norm filter pruning), the baseline RNP beats.
+"""Static channel pruning (L1-norm filter pruning), RNP's baseline.
 
 Li et al., "Pruning Filters for Efficient ConvNets" (ICLR 2017): each
 pruned convolution keeps the filters with the largest L1 norms, for every
