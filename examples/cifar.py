@@ -155,6 +155,7 @@ class Config:
         self.fresh = False
         self.distribution = "default"
         self._strategy = None
+        self._steps_per_epoch = None
         for key, value in kwargs.items():
             if not hasattr(self, key):
                 raise TypeError(f"Unknown setting {key!r}.")
@@ -271,8 +272,12 @@ def train_backbone(config):
 
 
 def _steps_per_epoch(config):
-    ds, _ = data(config, "train", training=True)
-    return int(ds.cardinality())
+    """Training batches per epoch (building the dataset once per config:
+    an ImageFolder lists every file)."""
+    if config._steps_per_epoch is None:
+        ds, _ = data(config, "train", training=True)
+        config._steps_per_epoch = int(ds.cardinality())
+    return config._steps_per_epoch
 
 
 def _rnp_updates(config):
@@ -319,7 +324,7 @@ def rnp_name(penalty):
     return f"rnp_p{penalty:g}"
 
 
-def _rnp_backbone(config):
+def _rnp_backbone(config, train):
     """The backbone Algorithm 1 starts from: `backbone.keras` with its
     filters sorted by L1 norm (`--sort_filters`), then fine-tuned under
     random actions for `--warmup_epochs` (saved as `warmup.keras`)."""
@@ -331,7 +336,6 @@ def _rnp_backbone(config):
     if config.done("warmup.keras"):
         return _load(config.path("warmup.keras"), "warmed-up backbone")
     print("-- warm-up: random widths --", flush=True)
-    train, _ = data(config, "train", training=True)
     with config.strategy().scope():
         # No decision steps, and every action drawn uniformly at random.
         rnp = keras_rnp.wrap(
@@ -361,6 +365,13 @@ def _rnp_backbone(config):
 def train_rnp(config):
     """Step 2: wraps the backbone and trains RNP once per penalty; saves
     `rnp_p<penalty>.keras`."""
+    todo = [
+        penalty
+        for penalty in config.penalties
+        if not config.done(f"{rnp_name(penalty)}.keras")
+    ]
+    if not todo:
+        return
     train, _ = data(config, "train", training=True)
     val, _ = data(config, "validation")
     decision_updates = (
@@ -369,14 +380,7 @@ def train_rnp(config):
         * config.decision_steps
         // (config.decision_steps + config.backbone_steps)
     )
-    todo = [
-        penalty
-        for penalty in config.penalties
-        if not config.done(f"{rnp_name(penalty)}.keras")
-    ]
-    if not todo:
-        return
-    backbone = _rnp_backbone(config)
+    backbone = _rnp_backbone(config, train)
     for penalty in todo:
         name = rnp_name(penalty)
         print(f"-- {name} --", flush=True)
