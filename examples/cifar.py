@@ -89,6 +89,13 @@ def define_flags():
     flags.DEFINE_integer("decision_steps", 20, "N1: decision steps per round.")
     flags.DEFINE_integer("backbone_steps", 10, "N2: backbone steps per round.")
     flags.DEFINE_float("backbone_epsilon", 0.2, "Exploration in fine-tuning.")
+    flags.DEFINE_float(
+        "distillation",
+        0.0,
+        "In-place distillation weight in [0, 1] for the warm-up and RNP's "
+        "fine-tuning steps: the paths taken learn from the full network's "
+        "predictions (see keras_rnp.wrap); each step then costs about two.",
+    )
     flags.DEFINE_integer(
         "warmup_epochs",
         4,
@@ -143,6 +150,7 @@ class Config:
         self.decision_steps = 20
         self.backbone_steps = 10
         self.backbone_epsilon = 0.2
+        self.distillation = 0.0
         self.sort_filters = True
         self.warmup_epochs = 4
         self.finetune_lr = 0.01
@@ -343,6 +351,7 @@ def _rnp_backbone(config, train):
             groups=config.groups,
             decision_steps=0,
             backbone_epsilon=1.0,
+            distillation=config.distillation,
             seed=config.seed,
         )
         rnp.compile(
@@ -392,6 +401,7 @@ def train_rnp(config):
                 penalty=penalty,
                 penalty_mode=config.penalty_mode,
                 backbone_epsilon=config.backbone_epsilon,
+                distillation=config.distillation,
                 decision_steps=config.decision_steps,
                 backbone_steps=config.backbone_steps,
                 # Explore widely over the first third of the decision steps.
@@ -788,6 +798,7 @@ def main(argv):
         decision_steps=FLAGS.decision_steps,
         backbone_steps=FLAGS.backbone_steps,
         backbone_epsilon=FLAGS.backbone_epsilon,
+        distillation=FLAGS.distillation,
         sort_filters=FLAGS.sort_filters,
         warmup_epochs=FLAGS.warmup_epochs,
         finetune_lr=FLAGS.finetune_lr,

@@ -50,6 +50,15 @@ class RNPModel(keras.Model):
             backbone is fine-tuned. 0 (the paper) fine-tunes under the
             greedy decisions only; a small rate keeps the backbone good at
             the widths the policy does not currently choose.
+        distillation: in-place distillation in the fine-tuning steps, a
+            weight `d` in [0, 1]. With `d > 0` each fine-tuning step also
+            runs the full network (every group) and minimizes
+            `L(y, full) + (1 - d) L(y, path) + d H(full, path)`, where
+            `H` is the cross-entropy of the path's prediction against the
+            full network's (held constant): the narrow paths learn from the
+            full network, which keeps learning from the labels. 0 (the
+            paper) trains the path taken on the labels only, with one
+            forward pass per step; `d > 0` costs about twice that.
         decision_steps: `N1`, decision-network updates per round (0 only
             fine-tunes the backbone: with `backbone_epsilon=1`, under
             random actions, which trains every width before Q-learning).
@@ -86,6 +95,7 @@ class RNPModel(keras.Model):
         epsilon_end=0.1,
         epsilon_decay_steps=1000,
         backbone_epsilon=0.0,
+        distillation=0.0,
         decision_steps=100,
         backbone_steps=100,
         code_dim=32,
@@ -111,6 +121,7 @@ class RNPModel(keras.Model):
         _check_number("epsilon_end", epsilon_end, 0.0, 1.0)
         _check_int("epsilon_decay_steps", epsilon_decay_steps, minimum=0)
         _check_number("backbone_epsilon", backbone_epsilon, 0.0, 1.0)
+        _check_number("distillation", distillation, 0.0, 1.0)
         _check_int("decision_steps", decision_steps, minimum=0)
         _check_int("backbone_steps", backbone_steps, minimum=0)
         if decision_steps + backbone_steps == 0:
@@ -132,6 +143,7 @@ class RNPModel(keras.Model):
         self.epsilon_end = float(epsilon_end)
         self.epsilon_decay_steps = int(epsilon_decay_steps)
         self.backbone_epsilon = float(backbone_epsilon)
+        self.distillation = float(distillation)
         self.decision_steps = int(decision_steps)
         self.backbone_steps = int(backbone_steps)
         self.code_dim = int(code_dim)
@@ -786,12 +798,46 @@ class RNPModel(keras.Model):
                 sample_weight=sample_weight,
                 training=True,
             )
-            scaled = self.optimizer.scale_loss(loss)
+            total = loss
+            if self.distillation:
+                total = self._distillation_loss(
+                    x, y, logits, loss, sample_weight
+                )
+            scaled = self.optimizer.scale_loss(total)
         variables = self.backbone.trainable_variables
         gradients = tape.gradient(scaled, variables)
         self.optimizer.apply(gradients, variables)
         self._update_metrics(x, y, logits, actions, sample_weight, loss)
         return tf.constant(0)
+
+    def _distillation_loss(self, x, y, logits, loss, sample_weight):
+        """`L(y, full) + (1 - d) L(y, path) + d H(full, path)`, from
+        `loss = L(y, path)` as `compute_loss` gave it (so the model's
+        regularization losses are counted once, unscaled)."""
+        batch = tf.shape(x)[0]
+        full, _, _ = self._forward(
+            x,
+            actions=tf.fill([batch, self.num_gated_layers], self.groups),
+            training=True,
+        )
+        if self.ends_in_softmax:
+            teacher = full
+            log_student = tf.math.log(tf.maximum(logits, 1e-7))
+        else:
+            teacher = tf.nn.softmax(full)
+            log_student = tf.nn.log_softmax(logits)
+        teacher = tf.stop_gradient(tf.cast(teacher, tf.float32))
+        soft = -tf.reduce_sum(
+            teacher * tf.cast(log_student, tf.float32), axis=-1
+        )
+        hard = tf.cast(self._per_sample_loss(y, logits), tf.float32)
+        full_loss = tf.cast(self._per_sample_loss(y, full), tf.float32)
+        per_image = full_loss + self.distillation * (soft - hard)
+        if sample_weight is not None:
+            per_image *= tf.cast(tf.reshape(sample_weight, [-1]), tf.float32)
+        # As compute_loss does: the batch mean, divided among the replicas.
+        extra = tf.reduce_mean(per_image) / _num_replicas()
+        return loss + tf.cast(extra, loss.dtype)
 
     def _update_metrics(self, x, y, logits, actions, sample_weight, loss=None):
         if loss is None:
@@ -837,6 +883,7 @@ class RNPModel(keras.Model):
             "epsilon_end": self.epsilon_end,
             "epsilon_decay_steps": self.epsilon_decay_steps,
             "backbone_epsilon": self.backbone_epsilon,
+            "distillation": self.distillation,
             "decision_steps": self.decision_steps,
             "backbone_steps": self.backbone_steps,
             "code_dim": self.code_dim,

@@ -29,6 +29,7 @@ def test_every_step_runs_and_writes_its_results(tmp_path):
         backbone_epochs=1,
         rnp_epochs=2,
         warmup_epochs=1,
+        distillation=0.5,
         penalties=(0.1, 0.5),
         decision_steps=2,
         backbone_steps=1,
@@ -84,6 +85,7 @@ def test_every_step_runs_and_writes_its_results(tmp_path):
     assert cifar._backbone_updates(config) == per_epoch + rnp_updates
     rnp = keras.saving.load_model(work_dir / "rnp_p0.1.keras")
     assert int(rnp.optimizer.iterations) == rnp_updates
+    assert rnp.distillation == 0.5
     static = keras.saving.load_model(work_dir / "static_2x.keras")
     assert (
         0

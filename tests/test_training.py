@@ -251,3 +251,57 @@ def test_backbone_is_fine_tuned_under_greedy_or_exploring_actions(
         # Uniform random actions: each image's cost differs from greedy.
         assert logs["flops_ratio"][0] != pytest.approx(greedy.mean())
         assert int(rnp.decision_step_counter) == 0
+
+
+@pytest.mark.parametrize("distillation", [0.5, 1.0])
+def test_distillation_step_minimizes_full_plus_distilled_path_loss(
+    distillation,
+):
+    x, y = data(16)
+    rnp = keras_rnp.wrap(
+        small_cnn(),
+        groups=4,
+        decision_steps=0,
+        backbone_steps=1,
+        distillation=distillation,
+        seed=0,
+    )
+    for layer in rnp.backbone.layers:
+        if isinstance(layer, keras.layers.Dropout):
+            layer.rate = 0.0  # A deterministic forward pass to compare.
+    rnp.compile(optimizer=keras.optimizers.SGD(1.0))
+    variables = rnp.backbone.trainable_variables
+    before = weights(variables)
+    # The reference: the objective written out, its gradient by hand.
+    _, actions, _ = rnp._forward(x, training=True)
+    full_actions = np.full(actions.shape, 4)
+    with tf.GradientTape() as tape:
+        path, _, _ = rnp._forward(x, actions=actions, training=True)
+        full, _, _ = rnp._forward(x, actions=full_actions, training=True)
+        labels = keras.ops.sparse_categorical_crossentropy
+        teacher = tf.stop_gradient(tf.nn.softmax(full))
+        objective = tf.reduce_mean(
+            labels(y, full, from_logits=True)
+            + (1 - distillation) * labels(y, path, from_logits=True)
+            - distillation
+            * tf.reduce_sum(teacher * tf.nn.log_softmax(path), axis=-1)
+        )
+    gradients = tape.gradient(objective, variables)
+    path_loss = float(tf.reduce_mean(labels(y, path, from_logits=True)).numpy())
+    for variable, value in zip(variables, before, strict=True):
+        variable.assign(value)
+    logs = rnp.fit(x, y, batch_size=16, epochs=1, verbose=0).history
+    for variable, value, gradient in zip(
+        variables, before, gradients, strict=True
+    ):
+        np.testing.assert_allclose(
+            variable.numpy(), value - gradient.numpy(), atol=1e-5
+        )
+    assert any(np.abs(g.numpy()).max() > 1e-3 for g in gradients)
+    # The reported loss stays the path's loss on the labels.
+    assert logs["loss"][0] == pytest.approx(path_loss, rel=1e-5)
+
+
+def test_distillation_must_be_a_weight_in_0_1():
+    with pytest.raises(ValueError, match="distillation"):
+        keras_rnp.wrap(small_cnn(), distillation=1.5)
