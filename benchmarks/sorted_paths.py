@@ -26,19 +26,36 @@ from keras_rnp import io_utils  # noqa: E402
 from keras_rnp.static_pruning import sort_filters  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "A trained backbone (.keras).")
-flags.DEFINE_string("dataset", "cifar10", "tfds dataset name.")
-flags.DEFINE_string("data_dir", None, "ImageFolder or tfds data directory.")
-flags.DEFINE_string("split", "validation", "Split to measure on.")
-flags.DEFINE_integer("groups", 4, "Channel groups per gated convolution.")
-flags.DEFINE_string(
-    "results", "benchmarks/results/sorted_paths.json", "Where to write JSON."
-)
-flags.mark_flag_as_required("model")
 
 
-def measure(model, images, labels, groups):
-    rnp = keras_rnp.wrap(model, groups=groups)
+def define_flags():
+    """Defined when the script runs (shared_paths.py imports it)."""
+    flags.DEFINE_string("model", None, "A trained backbone (.keras).")
+    flags.DEFINE_string("dataset", "cifar10", "tfds dataset name.")
+    flags.DEFINE_string("data_dir", None, "ImageFolder or tfds data dir.")
+    flags.DEFINE_string("split", "validation", "Split to measure on.")
+    flags.DEFINE_integer("groups", 4, "Channel groups per gated convolution.")
+    flags.DEFINE_string(
+        "results",
+        "benchmarks/results/sorted_paths.json",
+        "Where to write JSON.",
+    )
+    flags.mark_flag_as_required("model")
+
+
+def load_split(dataset, split, data_dir):
+    """`(images, labels)` of one split, as NumPy arrays."""
+    ds, _ = datasets.load(dataset, split, data_dir)
+    batches = list(datasets.pipeline(ds, 500, training=False))
+    images = np.concatenate([x.numpy() for x, _ in batches])
+    labels = np.concatenate([y.numpy() for _, y in batches])
+    return images, labels
+
+
+def measure(model, images, labels, groups, gate_first=False):
+    """Accuracy and mean FLOPs of `wrap(model)` with every gated layer
+    forced to the same action, for each action 1..groups."""
+    rnp = keras_rnp.wrap(model, groups=groups, gate_first=gate_first)
     rows = []
     for action in range(1, groups + 1):
         out = rnp.run(images, actions=action)
@@ -55,10 +72,7 @@ def measure(model, images, labels, groups):
 
 def main(argv):
     del argv
-    ds, _ = datasets.load(FLAGS.dataset, FLAGS.split, FLAGS.data_dir)
-    batches = list(datasets.pipeline(ds, 500, training=False))
-    images = np.concatenate([x.numpy() for x, _ in batches])
-    labels = np.concatenate([y.numpy() for _, y in batches])
+    images, labels = load_split(FLAGS.dataset, FLAGS.split, FLAGS.data_dir)
     backbone = keras.saving.load_model(FLAGS.model)
     results = {
         "model": FLAGS.model,
@@ -84,4 +98,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -86,6 +86,11 @@ def define_flags():
         "penalty_mode", "flat", ["flat", "flops"], "See keras_rnp.wrap."
     )
     flags.DEFINE_integer("groups", 4, "Channel groups per gated convolution.")
+    flags.DEFINE_bool(
+        "gate_first",
+        False,
+        "Also gate the first convolution (static pruning prunes it too).",
+    )
     flags.DEFINE_integer("decision_steps", 20, "N1: decision steps per round.")
     flags.DEFINE_integer("backbone_steps", 10, "N2: backbone steps per round.")
     flags.DEFINE_float("backbone_epsilon", 0.2, "Exploration in fine-tuning.")
@@ -147,6 +152,7 @@ class Config:
         self.penalties = (0.05, 0.1)
         self.penalty_mode = "flat"
         self.groups = 4
+        self.gate_first = False
         self.decision_steps = 20
         self.backbone_steps = 10
         self.backbone_epsilon = 0.2
@@ -349,6 +355,7 @@ def _rnp_backbone(config, train):
         rnp = keras_rnp.wrap(
             backbone,
             groups=config.groups,
+            gate_first=config.gate_first,
             decision_steps=0,
             backbone_epsilon=1.0,
             distillation=config.distillation,
@@ -398,6 +405,7 @@ def train_rnp(config):
             rnp = keras_rnp.wrap(
                 backbone,
                 groups=config.groups,
+                gate_first=config.gate_first,
                 penalty=penalty,
                 penalty_mode=config.penalty_mode,
                 backbone_epsilon=config.backbone_epsilon,
@@ -795,6 +803,7 @@ def main(argv):
         penalties=_numbers("penalties", FLAGS.penalties, float, 0.0),
         penalty_mode=FLAGS.penalty_mode,
         groups=FLAGS.groups,
+        gate_first=FLAGS.gate_first,
         decision_steps=FLAGS.decision_steps,
         backbone_steps=FLAGS.backbone_steps,
         backbone_epsilon=FLAGS.backbone_epsilon,
