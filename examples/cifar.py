@@ -11,9 +11,10 @@ some of them (each reads what the earlier steps saved in `--work_dir`):
 
 Steps:
     backbone  train the full network (SGD, Nesterov, cosine schedule)
-    rnp       wrap it (filters sorted by L1 norm), fine-tune it under
-              random actions for --warmup_epochs (once), then train RNP
-              (Algorithm 1) once per --penalties
+    rnp       wrap it (filters sorted by L1 norm, every convolution gated,
+              the penalty weighted by each layer's FLOPs), fine-tune it
+              under random actions for --warmup_epochs (once), then train
+              RNP (Algorithm 1) once per --penalties
     static    L1-norm filter pruning to --static_speedups fewer FLOPs, each
               fine-tuned for as many steps as RNP fine-tunes the backbone
     evaluate  test accuracy and FLOPs of everything, a budget sweep of the
@@ -80,16 +81,17 @@ def define_flags():
     )
     flags.DEFINE_integer("rnp_epochs", 10, "Epochs of RNP training.")
     flags.DEFINE_list(
-        "penalties", ["0.05", "0.1"], "RNP penalties (one model each)."
+        "penalties", ["0.07", "0.04"], "RNP penalties (one model each)."
     )
     flags.DEFINE_enum(
-        "penalty_mode", "flat", ["flat", "flops"], "See keras_rnp.wrap."
+        "penalty_mode", "flops", ["flat", "flops"], "See keras_rnp.wrap."
     )
     flags.DEFINE_integer("groups", 4, "Channel groups per gated convolution.")
     flags.DEFINE_bool(
         "gate_first",
-        False,
-        "Also gate the first convolution (static pruning prunes it too).",
+        True,
+        "Also gate the first convolution: narrowing it narrows the second "
+        "one's input, so 4x fewer FLOPs does not force one group there.",
     )
     flags.DEFINE_integer("decision_steps", 20, "N1: decision steps per round.")
     flags.DEFINE_integer("backbone_steps", 10, "N2: backbone steps per round.")
@@ -116,10 +118,12 @@ def define_flags():
         "RNP's first groups are the filters static pruning would keep.",
     )
     flags.DEFINE_float("finetune_lr", 0.01, "SGD learning rate of fine-tuning.")
-    flags.DEFINE_list("static_speedups", ["2", "3", "4"], "Static pruning.")
+    flags.DEFINE_list(
+        "static_speedups", ["2", "3", "4", "6", "8"], "Static pruning."
+    )
     flags.DEFINE_list(
         "budgets",
-        ["0", "0.05", "0.1", "0.2", "0.3", "0.5", "1", "2"],
+        ["0", "0.025", "0.05", "0.075", "0.1", "0.15", "0.2", "0.3"],
         "Budgets of the sweep (of the first penalty's model).",
     )
     flags.DEFINE_integer("batch_size", 128, "Batch size.")
@@ -149,10 +153,10 @@ class Config:
         self.backbone_lr = 0.1
         self.weight_decay = 5e-3
         self.rnp_epochs = 10
-        self.penalties = (0.05, 0.1)
-        self.penalty_mode = "flat"
+        self.penalties = (0.07, 0.04)
+        self.penalty_mode = "flops"
         self.groups = 4
-        self.gate_first = False
+        self.gate_first = True
         self.decision_steps = 20
         self.backbone_steps = 10
         self.backbone_epsilon = 0.2
@@ -160,8 +164,8 @@ class Config:
         self.sort_filters = True
         self.warmup_epochs = 4
         self.finetune_lr = 0.01
-        self.static_speedups = (2.0, 3.0, 4.0)
-        self.budgets = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)
+        self.static_speedups = (2.0, 3.0, 4.0, 6.0, 8.0)
+        self.budgets = (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3)
         self.batch_size = 128
         self.limit = 0
         self.seed = 0

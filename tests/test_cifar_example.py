@@ -25,7 +25,7 @@ def test_every_step_runs_and_writes_its_results(tmp_path):
     config = cifar.Config(
         data_dir=data_dir,
         work_dir=str(work_dir),
-        widths=(2, 16, 32, 32),
+        widths=(4, 16, 32, 32),
         backbone_epochs=1,
         rnp_epochs=2,
         warmup_epochs=1,
@@ -57,7 +57,7 @@ def test_every_step_runs_and_writes_its_results(tmp_path):
     full = results["full"]
     assert 0.0 <= full["accuracy"] <= 1.0
     assert full["flops"] == keras_rnp.count_flops(
-        cifar.build_backbone(3, (2, 16, 32, 32))
+        cifar.build_backbone(3, (4, 16, 32, 32))
     )
     assert [row["penalty"] for row in results["rnp"]] == [0.1, 0.5]
     assert [row["budget"] for row in results["sweep"]] == [0.0, 1.0, 1e6]
