@@ -16,7 +16,6 @@ training steps per second fed by it.
 Prints a table and writes JSON (`--output`).
 """
 
-import json
 import os
 import platform
 import sys
@@ -31,7 +30,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_rnp import datasets  # noqa: E402
-from keras_rnp.io_utils import atomic_path  # noqa: E402
+from keras_rnp.io_utils import write_json  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 
@@ -122,9 +121,7 @@ def main(argv):
         "images": FLAGS.images,
         "rows": rows,
     }
-    with atomic_path(FLAGS.output) as staging:
-        with open(staging, "w") as f:
-            json.dump(report, f, indent=1)
+    write_json(FLAGS.output, report)
     print(f"Wrote {FLAGS.output}")
 
 

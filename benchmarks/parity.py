@@ -9,7 +9,6 @@ logit difference and the share of images whose actions agree exactly.
     python benchmarks/parity.py --rnp_model=runs/quickstart/rnp.keras
 """
 
-import json
 import os
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import onnxruntime as ort  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_rnp  # noqa: E402
+from keras_rnp import io_utils  # noqa: E402
 
 sys.path.insert(
     0,
@@ -115,9 +115,7 @@ def main(argv):
         "rows": rows,
     }
     print(f"{result['distinct_action_rows']} distinct action rows")
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.results)), exist_ok=True)
-    with open(FLAGS.results, "w") as f:
-        json.dump(result, f, indent=1)
+    io_utils.write_json(FLAGS.results, result)
     print(f"Wrote {FLAGS.results}")
 
 

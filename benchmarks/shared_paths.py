@@ -13,7 +13,6 @@ chooses among.
         --static=runs/cifar10_c/static_2x.keras,runs/cifar10_c/static_4x.keras
 """
 
-import json
 import os
 
 from absl import app
@@ -87,10 +86,7 @@ def main(argv):
         print(
             f"{path}: {full_flops / row['flops']:6.2f}x {row['accuracy']:.4f}"
         )
-    os.makedirs(os.path.dirname(FLAGS.results) or ".", exist_ok=True)
-    with io_utils.atomic_path(FLAGS.results) as staging:
-        with open(staging, "w") as f:
-            json.dump(results, f, indent=1)
+    io_utils.write_json(FLAGS.results, results)
     print(f"Wrote {FLAGS.results}")
 
 

@@ -9,7 +9,6 @@ paths RNP starts from).
         --data_dir=../shared/data/cifar10
 """
 
-import json
 import os
 
 from absl import app
@@ -90,10 +89,7 @@ def main(argv):
             f"{plain['action']:>6} {plain['flops'] / 1e6:>8.1f} "
             f"{plain['accuracy']:>11.4f} {ordered['accuracy']:>8.4f}"
         )
-    os.makedirs(os.path.dirname(FLAGS.results) or ".", exist_ok=True)
-    with io_utils.atomic_path(FLAGS.results) as staging:
-        with open(staging, "w") as f:
-            json.dump(results, f, indent=1)
+    io_utils.write_json(FLAGS.results, results)
     print(f"Wrote {FLAGS.results}")
 
 

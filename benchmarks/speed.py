@@ -20,7 +20,6 @@ network included) and the measured speed-up (median plain time over median
 RNP time), side by side.
 """
 
-import json
 import os
 import platform
 import tempfile
@@ -36,6 +35,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_rnp  # noqa: E402
+from keras_rnp import io_utils  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["cifar4", "vgg16"], "Networks to time.")
@@ -287,9 +287,7 @@ def write_results(rows):
         + " ".join(FLAGS[name].serialize() for name in flag_names),
         "rows": rows,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-    with open(FLAGS.output, "w") as f:
-        json.dump(result, f, indent=1)
+    io_utils.write_json(FLAGS.output, result)
 
 
 if __name__ == "__main__":

@@ -558,9 +558,7 @@ def evaluate(config):
         )
     results["comparison"] = compare(results)
     print(format_results(results))
-    with io_utils.atomic_path(config.path("results.json")) as staging:
-        with open(staging, "w") as f:
-            json.dump(results, f, indent=1)
+    io_utils.write_json(config.path("results.json"), results)
     with io_utils.atomic_path(config.path("per_image.npz")) as staging:
         with open(staging, "wb") as f:
             np.savez(f, **per_image)

@@ -1,6 +1,7 @@
 """Atomic writes: a file or directory appears whole, or not at all."""
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -24,3 +25,10 @@ def atomic_path(path, is_dir=False):
         os.replace(target, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_json(path, data):
+    """Writes `data` as indented JSON to `path`, atomically."""
+    with atomic_path(path) as staging:
+        with open(staging, "w") as f:
+            json.dump(data, f, indent=1)
