@@ -101,7 +101,7 @@ def define_flags():
         0.0,
         "In-place distillation weight in [0, 1] for the warm-up and RNP's "
         "fine-tuning steps: the paths taken learn from the full network's "
-        "predictions (see keras_rnp.wrap); each step then costs about two.",
+        "predictions (see keras_rnp.wrap), at about twice the cost per step.",
     )
     flags.DEFINE_integer(
         "warmup_epochs",
