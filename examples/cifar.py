@@ -121,6 +121,12 @@ def define_flags():
     flags.DEFINE_list(
         "static_speedups", ["2", "3", "4", "6", "8"], "Static pruning."
     )
+    flags.DEFINE_bool(
+        "static_prune_first",
+        False,
+        "Static pruning also prunes the first convolution (same keep "
+        "fraction as the others); by default it keeps it whole.",
+    )
     flags.DEFINE_list(
         "budgets",
         ["0", "0.025", "0.05", "0.075", "0.1", "0.15", "0.2", "0.3"],
@@ -165,6 +171,7 @@ class Config:
         self.warmup_epochs = 4
         self.finetune_lr = 0.01
         self.static_speedups = (2.0, 3.0, 4.0, 6.0, 8.0)
+        self.static_prune_first = False
         self.budgets = (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3)
         self.batch_size = 128
         self.limit = 0
@@ -453,7 +460,9 @@ def train_static(config):
             continue
         with config.strategy().scope():
             backbone = _load(config.path("backbone.keras"), "backbone")
-            model, keep = l1_prune_to_flops(backbone, speedup)
+            model, keep = l1_prune_to_flops(
+                backbone, speedup, prune_first=config.static_prune_first
+            )
         print(
             f"-- {name}: keeps {keep:.3f} of the filters, "
             f"{keras_rnp.count_flops(model):,.0f} FLOPs, "
@@ -816,6 +825,7 @@ def main(argv):
         static_speedups=_numbers(
             "static_speedups", FLAGS.static_speedups, float, 1.0
         ),
+        static_prune_first=FLAGS.static_prune_first,
         budgets=_numbers("budgets", FLAGS.budgets, float, 0.0),
         batch_size=FLAGS.batch_size,
         limit=FLAGS.limit,

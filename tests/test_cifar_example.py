@@ -134,6 +134,42 @@ def test_every_step_runs_and_writes_its_results(tmp_path):
     assert not [p for p in os.listdir(work_dir) if p.startswith(".keras_rnp")]
 
 
+@pytest.mark.parametrize("prune_first", [False, True])
+def test_static_pruning_keeps_or_prunes_the_first_convolution(
+    tmp_path, prune_first
+):
+    data_dir = make_image_folder(tmp_path / "data", classes=3, train=12)
+    config = cifar.Config(
+        data_dir=data_dir,
+        work_dir=str(tmp_path / "work"),
+        widths=(8, 16, 32, 32),
+        rnp_epochs=1,
+        warmup_epochs=0,
+        decision_steps=1,
+        backbone_steps=1,
+        static_speedups=(2.0,),
+        static_prune_first=prune_first,
+        batch_size=8,
+        verbose=0,
+    )
+    os.makedirs(config.work_dir)
+    backbone = cifar.build_backbone(3, config.widths)
+    backbone.save(config.path("backbone.keras"))
+    cifar.train_static(config)
+
+    static = keras.saving.load_model(config.path("static_2x.keras"))
+    filters = [
+        layer.filters
+        for layer in static.layers
+        if isinstance(layer, keras.layers.Conv2D)
+    ]
+    assert keras_rnp.count_flops(static) <= keras_rnp.count_flops(backbone) / 2
+    # One keep fraction for the pruned convolutions; the first is pruned
+    # with them or left whole.
+    assert (filters[0] < 8) == prune_first
+    assert max(filters[1:]) < 32
+
+
 def test_rnp_is_compared_at_the_static_models_flops():
     def row(ratio, accuracy, penalty=0.1, budget=0.0):
         return {
