@@ -15,8 +15,8 @@ Steps:
               the penalty weighted by each layer's FLOPs), fine-tune it
               under random actions for --warmup_epochs (once), then train
               RNP (Algorithm 1) once per --penalties
-    static    L1-norm filter pruning to --static_speedups fewer FLOPs, each
-              fine-tuned for as many steps as RNP fine-tunes the backbone
+    static    L1-norm filter pruning of every convolution to --static_speedups
+              fewer FLOPs, each fine-tuned for as many steps as RNP fine-tunes the backbone
     evaluate  test accuracy and FLOPs of everything, a budget sweep of the
               first RNP model, per-layer action tables, the rank correlation
               of per-image FLOPs with the full network's loss
@@ -123,9 +123,10 @@ def define_flags():
     )
     flags.DEFINE_bool(
         "static_prune_first",
-        False,
-        "Static pruning also prunes the first convolution (same keep "
-        "fraction as the others); by default it keeps it whole.",
+        True,
+        "Static pruning also prunes the first convolution, with the keep "
+        "fraction of the others (--nostatic_prune_first keeps it whole: "
+        "a weaker baseline, 1.1 points lower at 4x on CIFAR-10).",
     )
     flags.DEFINE_list(
         "budgets",
@@ -171,7 +172,7 @@ class Config:
         self.warmup_epochs = 4
         self.finetune_lr = 0.01
         self.static_speedups = (2.0, 3.0, 4.0, 6.0, 8.0)
-        self.static_prune_first = False
+        self.static_prune_first = True
         self.budgets = (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3)
         self.batch_size = 128
         self.limit = 0
