@@ -15,8 +15,9 @@ Steps:
               the penalty weighted by each layer's FLOPs), fine-tune it
               under random actions for --warmup_epochs (once), then train
               RNP (Algorithm 1) once per --penalties
-    static    L1-norm filter pruning of every convolution to --static_speedups
-              fewer FLOPs, each fine-tuned for as many steps as RNP fine-tunes the backbone
+    static    L1-norm filter pruning of every convolution to
+              --static_speedups fewer FLOPs, each fine-tuned for as many
+              steps as RNP fine-tunes the backbone
     evaluate  test accuracy and FLOPs of everything, a budget sweep of the
               first RNP model, per-layer action tables, the rank correlation
               of per-image FLOPs with the full network's loss
