@@ -82,6 +82,12 @@ def pareto(rows):
 
 def main(argv):
     del argv
+    try:
+        low, high = (float(r) for r in FLAGS.ratios)
+    except ValueError:
+        raise app.UsageError(
+            f"--ratios expects two numbers, low,high. Received: {FLAGS.ratios}"
+        ) from None
     images, labels = load_split(FLAGS.dataset, FLAGS.split, FLAGS.data_dir)
     rnp = keras.saving.load_model(FLAGS.model)
     if not isinstance(rnp, keras_rnp.RNPModel):
@@ -89,7 +95,6 @@ def main(argv):
             f"--model expects a trained RNP model; {FLAGS.model} holds a "
             f"{type(rnp).__name__}."
         )
-    low, high = (float(r) for r in FLAGS.ratios)
     full = float(
         rnp.flops_from_actions(
             np.full((1, rnp.num_gated_layers), rnp.groups)

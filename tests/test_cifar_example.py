@@ -12,6 +12,7 @@ from PIL import Image
 from test_datasets import make_image_folder
 
 import keras_rnp
+from keras_rnp.static_pruning import l1_prune_to_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -157,17 +158,20 @@ def test_static_pruning_keeps_or_prunes_the_first_convolution(
     backbone.save(config.path("backbone.keras"))
     cifar.train_static(config)
 
+    def filters(model):
+        return [
+            layer.filters
+            for layer in model.layers
+            if isinstance(layer, keras.layers.Conv2D)
+        ]
+
     static = keras.saving.load_model(config.path("static_2x.keras"))
-    filters = [
-        layer.filters
-        for layer in static.layers
-        if isinstance(layer, keras.layers.Conv2D)
-    ]
     assert keras_rnp.count_flops(static) <= keras_rnp.count_flops(backbone) / 2
-    # One keep fraction for the pruned convolutions; the first is pruned
-    # with them or left whole.
-    assert (filters[0] < 8) == prune_first
-    assert max(filters[1:]) < 32
+    # The first convolution is pruned with the others, or left whole.
+    assert (filters(static)[0] < 8) == prune_first
+    assert max(filters(static)[1:]) < 32
+    expected, _ = l1_prune_to_flops(backbone, 2.0, prune_first=prune_first)
+    assert filters(static) == filters(expected)
 
 
 def test_rnp_is_compared_at_the_static_models_flops():
