@@ -55,7 +55,8 @@ def _accuracy(logits, labels):
 
 def candidate_paths(rnp, low, high, max_paths):
     """Every per-layer action tuple, or, when there are more than
-    `max_paths`, those whose FLOPs ratio lies in [low, high]."""
+    `max_paths`, those whose FLOPs ratio (`rnp.full_flops` / used) lies in
+    [low, high]; with each path's FLOPs."""
     layers, groups = rnp.num_gated_layers, rnp.groups
     paths = np.array(
         list(itertools.product(range(1, groups + 1), repeat=layers)), np.int32
@@ -63,8 +64,8 @@ def candidate_paths(rnp, low, high, max_paths):
     # A fixed path needs no decision network.
     flops = rnp.flops_from_actions(paths).numpy() - rnp.decision_flops
     if len(paths) > max_paths:
-        full = flops.max()
-        keep = (full / flops >= low) & (full / flops <= high)
+        ratio = rnp.full_flops / flops
+        keep = (ratio >= low) & (ratio <= high)
         paths, flops = paths[keep], flops[keep]
     return paths, flops
 
@@ -95,12 +96,7 @@ def main(argv):
             f"--model expects a trained RNP model; {FLAGS.model} holds a "
             f"{type(rnp).__name__}."
         )
-    full = float(
-        rnp.flops_from_actions(
-            np.full((1, rnp.num_gated_layers), rnp.groups)
-        ).numpy()[0]
-        - rnp.decision_flops
-    )
+    full = rnp.full_flops
     start = time.perf_counter()
     policy = []
     for budget in (float(b) for b in FLAGS.budgets):
