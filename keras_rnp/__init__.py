@@ -1,16 +1,17 @@
 """keras_rnp: Runtime Neural Pruning (Lin et al., NeurIPS 2017) for Keras 3."""
 
 from keras_rnp import datasets
+from keras_rnp import layers
 from keras_rnp import static_pruning
-from keras_rnp.decision_network import DecisionNetwork
 from keras_rnp.export import export_onnx
 from keras_rnp.export import export_saved_model
 from keras_rnp.flops import count_flops
+from keras_rnp.layers import DecisionNetwork
+from keras_rnp.policy import linearly_decaying_epsilon
 from keras_rnp.report import Report
 from keras_rnp.report import rank_correlation
 from keras_rnp.report import report
 from keras_rnp.rnp_model import RNPModel
-from keras_rnp.schedules import linearly_decaying_epsilon
 from keras_rnp.wrap import strip
 from keras_rnp.wrap import wrap
 
@@ -24,6 +25,7 @@ __all__ = [
     "datasets",
     "export_onnx",
     "export_saved_model",
+    "layers",
     "linearly_decaying_epsilon",
     "rank_correlation",
     "report",

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_rnp import execution
 from keras_rnp.io_utils import atomic_path
 from keras_rnp.rnp_model import RNPModel
 
@@ -23,8 +24,12 @@ def _check_model(rnp):
         )
 
 
-def _signatures(rnp):
+def _signatures(rnp, mode=execution.SLICED):
     """The exported functions: `{name: (function, input_signature)}`.
+
+    `mode` is `execution.SLICED` for a SavedModel (checks that raise, empty
+    batches skipped with `tf.cond`) or `execution.SLICED_ONNX` (no control
+    flow and no errors, which ONNX cannot express).
 
     - `serving_default(images)`: greedy decisions.
     - `serving_budget(images, budget)`: decisions under a budget.
@@ -32,7 +37,7 @@ def _signatures(rnp):
       for benchmarks and tests of the exported graph.
     """
     images_spec = tf.TensorSpec(
-        (None, *rnp._plan.input_shape), tf.float32, name="images"
+        (None, *rnp.image_shape), tf.float32, name="images"
     )
     budget_spec = tf.TensorSpec((None,), tf.float32, name="budget")
     actions_spec = tf.TensorSpec(
@@ -46,16 +51,15 @@ def _signatures(rnp):
         images, budget, actions = _checked(images, budget, actions)
 
         def run():
-            out = rnp.infer(images, actions=actions, budget=budget)
+            out = rnp.infer(images, actions=actions, budget=budget, mode=mode)
             return out["logits"], out["actions"], out["flops"]
 
         def empty():
-            # oneDNN convolutions mis-shape empty batches: skip them.
-            out = rnp._empty_outputs()
+            out = execution.empty_outputs(rnp.plan)
             return out["logits"], out["actions"], out["flops"]
 
-        if rnp._graph_target == "tensorflow":
-            logits, taken, flops = tf.cond(batch > 0, run, empty)
+        if mode == execution.SLICED:
+            logits, taken, flops = execution.unless_empty(images, run, empty)
         else:
             logits, taken, flops = run()
         probabilities = logits if ends_in_softmax else tf.nn.softmax(logits)
@@ -68,11 +72,11 @@ def _signatures(rnp):
 
     def _checked(images, budget, actions):
         budget_ok = tf.math.is_finite(budget) & (budget >= 0)
-        if rnp._graph_target == "tensorflow":
+        if mode == execution.SLICED:
             # A SavedModel's signature does not enforce its TensorSpec's
             # shape: a global-pooling network would silently run on images
             # of another size.
-            expected = (None, *rnp._plan.input_shape)
+            expected = (None, *rnp.image_shape)
             checks = [
                 tf.debugging.assert_equal(
                     tf.shape(images)[1:],
@@ -239,17 +243,13 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
             "Expected a new file (or overwrite=True). Received: "
             f"path={os.fspath(path)!r}, which exists."
         )
-    rnp._graph_target = "onnx"
-    try:
-        name = "serving_actions" if forced_actions else "serving_budget"
-        function, signature = _signatures(rnp)[name]
-        model_proto, _ = tf2onnx.convert.from_function(
-            tf.function(function, input_signature=signature),
-            input_signature=signature,
-            opset=opset,
-        )
-    finally:
-        rnp._graph_target = "tensorflow"
+    name = "serving_actions" if forced_actions else "serving_budget"
+    function, signature = _signatures(rnp, execution.SLICED_ONNX)[name]
+    model_proto, _ = tf2onnx.convert.from_function(
+        tf.function(function, input_signature=signature),
+        input_signature=signature,
+        opset=opset,
+    )
     _name_inputs(model_proto, [spec.name for spec in signature])
     if not forced_actions:
         default = numpy_helper.from_array(np.zeros([1], np.float32), "budget")

@@ -1,9 +1,12 @@
-"""FLOPs counting shared by plain Keras models and RNP models.
+"""FLOPs accounting: layers, plain models, the decision network and paths.
 
 Convention (used everywhere in keras_rnp): one multiply-add is 2 FLOPs, and
 only convolutions and dense layers are counted. Bias additions, batch
 normalization, activations, pooling and other element-wise work are left
 out, as is usual in the pruning literature.
+
+This module imports nothing else from keras_rnp: the planner, the model,
+the report and the benchmarks all count through it.
 """
 
 import math
@@ -123,9 +126,7 @@ def count_flops(model):
     >>> keras_rnp.count_flops(model)  # 2*8*8*9*1*4 + 2*256*10
     9728.0
     """
-    from keras_rnp.rnp_model import RNPModel
-
-    if isinstance(model, RNPModel):
+    if _is_rnp_model(model):
         return model.full_flops
     if not isinstance(model, keras.Model) or not model.built:
         raise ValueError(
@@ -145,6 +146,99 @@ def count_flops(model):
             f"({type(model).__name__})."
         ) from error
     return float(sum(layer_flops(*io) for io in layers_io))
+
+
+def decision_flops(in_channels, code_dim, hidden_units, groups):
+    """FLOPs per image of the decision network over all gated layers.
+
+    Per gated layer: the encoder (dense `C_in -> code_dim`), one LSTM step
+    (`(code_dim + hidden) -> 4 * hidden`) and the decoder
+    (`hidden -> groups`). Global average pooling is not counted (it adds,
+    it does not multiply).
+
+    Args:
+        in_channels: channels entering each gated layer, one per layer.
+        code_dim: width of each encoder's output.
+        hidden_units: width of the LSTM cell.
+        groups: actions per layer (the decoder's outputs).
+    """
+    lstm = dense_flops(code_dim + hidden_units, 4 * hidden_units)
+    decoder = dense_flops(hidden_units, groups)
+    return float(
+        sum(dense_flops(c, code_dim) + lstm + decoder for c in in_channels)
+    )
+
+
+def gated_layer_flops(actions, gated_flops, in_gated, groups):
+    """FLOPs per image of each gated convolution on a path.
+
+    Layer `t` costs `full_t * (a_{t-1} / k) * (a_t / k)`, the first factor
+    only where its input comes from a gated layer (`in_gated[t]`): both its
+    input and its output shrink,
+    `2 * H * W * K * K * (a_{t-1}/k * C_{t-1}) * (a_t/k * C_t)`.
+
+    Args:
+        actions: `[B, L]` actions in `1..groups`, as floats (a NumPy array
+            or a tensor: only indexing and arithmetic are used).
+        gated_flops: the full FLOPs of each of the `L` gated convolutions.
+        in_gated: for each, whether its input comes from a gated layer.
+        groups: channel groups `k`.
+
+    Returns:
+        A list of `L` per-image FLOPs, one `[B]` array per layer.
+    """
+    costs, previous = [], None
+    for t, (full, gated_input) in enumerate(
+        zip(gated_flops, in_gated, strict=True)
+    ):
+        fraction_in = previous / groups if gated_input else 1.0
+        costs.append(full * fraction_in * (actions[:, t] / groups))
+        previous = actions[:, t]
+    return costs
+
+
+def path_flops(
+    actions,
+    gated_flops,
+    in_gated,
+    groups,
+    fixed_flops=0.0,
+    head_gated_flops=0.0,
+):
+    """FLOPs per image of a path through a gated network.
+
+    The gated convolutions as `gated_layer_flops` counts them, plus
+    `fixed_flops` (layers that always run at full width, and the decision
+    network where it runs), plus the first dense layer of the head on the
+    channels the last gated layer kept, `head_gated_flops * a_L / k`.
+
+    Args:
+        actions: `[B, L]` float actions (NumPy array or tensor).
+        gated_flops, in_gated, groups: as in `gated_layer_flops`.
+        fixed_flops: FLOPs per image that do not depend on the actions.
+        head_gated_flops: full FLOPs of the dense layer that reads the last
+            gated layer's channels (0 if none does).
+
+    Returns:
+        `[B]` FLOPs per image.
+
+    Example:
+
+    >>> actions = np.array([[1.0, 2.0], [2.0, 2.0]])
+    >>> path_flops(actions, [100.0, 200.0], [False, True], groups=2)
+    array([150., 300.])
+    """
+    total = fixed_flops
+    for cost in gated_layer_flops(actions, gated_flops, in_gated, groups):
+        total = total + cost
+    last = actions[:, len(gated_flops) - 1]
+    return total + head_gated_flops * last / groups
+
+
+def _is_rnp_model(model):
+    # An RNPModel without importing it: this module stays at the bottom of
+    # the package's imports.
+    return isinstance(model, keras.Model) and hasattr(type(model), "full_flops")
 
 
 def _check_channels_last(layer):

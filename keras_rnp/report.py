@@ -5,6 +5,8 @@ import dataclasses
 import keras
 import numpy as np
 
+from keras_rnp import flops as flops_lib
+
 
 @dataclasses.dataclass
 class Report:
@@ -148,16 +150,17 @@ def report(rnp, dataset, budget=0.0, print_fn=print):
         )
         losses = np.asarray(losses, np.float64)
 
-    plan = rnp._plan
-    layers, gated = [], np.zeros(len(flops))
-    previous = None
-    for t, unit in enumerate(plan.units):
+    per_layer = flops_lib.gated_layer_flops(
+        actions.astype(np.float64),
+        rnp.plan.gated_flops,
+        rnp.plan.in_gated,
+        rnp.groups,
+    )
+    layers = []
+    for t, (unit, layer_flops) in enumerate(
+        zip(rnp.plan.units, per_layer, strict=True)
+    ):
         action = actions[:, t]
-        layer_flops = np.asarray(
-            unit.flops(previous, action.astype(np.float64)), np.float64
-        )
-        layer_flops = np.broadcast_to(layer_flops, flops.shape)
-        gated += layer_flops
         counts = np.bincount(action - 1, minlength=rnp.groups)
         layers.append(
             {
@@ -169,7 +172,7 @@ def report(rnp, dataset, budget=0.0, print_fn=print):
                 "flops_share": float(layer_flops.mean() / flops.mean()),
             }
         )
-        previous = action.astype(np.float64)
+    gated = np.sum(per_layer, axis=0)
     result = Report(
         layers=layers,
         other_flops=float(np.mean(flops - gated)),

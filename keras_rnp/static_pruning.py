@@ -9,7 +9,7 @@ input alike. The layers that follow lose the matching input channels.
 import keras
 import numpy as np
 
-from keras_rnp import chain
+from keras_rnp import planner
 from keras_rnp.flops import count_flops
 
 _L = keras.layers
@@ -63,7 +63,7 @@ def _select_filters(model, choose, name):
     """Copies a chain CNN keeping, in each Conv2D, the filters
     `choose(conv_index, l1_norms)` returns, in that order; the channel-wise
     layers and the next Conv2D or Dense follow the same channels."""
-    layers = chain.chain_layers(model)
+    layers = planner.chain_layers(model)
     if not any(isinstance(layer, _L.Conv2D) for layer in layers):
         raise ValueError(
             f"Expected a model with Conv2D layers. Received: {model.name}."

@@ -2,7 +2,7 @@
 
 import keras
 
-from keras_rnp import chain
+from keras_rnp import planner
 from keras_rnp.rnp_model import RNPModel
 
 
@@ -56,7 +56,7 @@ def wrap(model, groups=4, gate_first=False, **kwargs):
             f"RNPModel ({model.name}); use keras_rnp.strip() first."
         )
     # Check before cloning, so errors name the user's layers.
-    chain.chain_layers(model)
+    planner.chain_layers(model)
     backbone = keras.models.clone_model(model)
     backbone.set_weights(model.get_weights())
     return RNPModel(backbone, groups=groups, gate_first=gate_first, **kwargs)

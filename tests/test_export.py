@@ -196,7 +196,7 @@ def test_flatten_head_and_softmax_output_export(tmp_path):
     # The backbone ends in a softmax: probabilities are its output.
     np.testing.assert_allclose(out["probabilities"], out["logits"])
     np.testing.assert_allclose(out["logits"], rnp.run(x)["logits"], atol=1e-5)
-    masked, _, _ = rnp._forward(tf.constant(x), actions=tf.constant(actions))
+    masked, _, _ = rnp.forward(tf.constant(x), actions=tf.constant(actions))
     np.testing.assert_allclose(
         rnp.run(x, actions=actions)["logits"], masked, atol=1e-5
     )

@@ -93,7 +93,7 @@ def build(recipe):
 
 
 def images_and_actions(rnp, data, batch):
-    shape = (batch, *rnp._plan.input_shape)
+    shape = (batch, *rnp.image_shape)
     seed = data.draw(st.integers(0, 2**16))
     rng = np.random.default_rng(seed)
     images = rng.normal(size=shape).astype("float32")
@@ -117,7 +117,7 @@ def test_random_chains_are_exact_and_zero_what_they_skip(spec, data):
 
     # The sliced inference computes what masking computes.
     sliced = rnp.run(images, actions=actions)
-    masked, _, _ = rnp._forward(images, actions=actions, sliced=False)
+    masked, _, _ = rnp.forward(images, actions=actions)
     np.testing.assert_allclose(
         sliced["logits"].numpy(), masked.numpy(), rtol=1e-4, atol=1e-4
     )
@@ -129,9 +129,9 @@ def test_random_chains_are_exact_and_zero_what_they_skip(spec, data):
 
     # Every gated unit's skipped channels are exactly zero.
     x = images
-    for layer in rnp._plan.pre:
+    for layer in rnp.plan.pre:
         x = layer(x)
-    for t, unit in enumerate(rnp._plan.units):
+    for t, unit in enumerate(rnp.plan.units):
         x = unit.call_masked(x, actions[:, t])
         active = actions[:, t] * unit.out_channels // groups
         channel = np.arange(unit.out_channels)

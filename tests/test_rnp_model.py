@@ -8,6 +8,7 @@ from helpers import np_small_cnn
 from helpers import small_cnn
 
 import keras_rnp
+from keras_rnp import execution
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +36,14 @@ def test_full_actions_equal_backbone(rnp, backbone, images):
     np.testing.assert_array_equal(out["actions"], 4)
 
 
-@pytest.mark.parametrize("sliced", [True, False])
-def test_forced_per_image_actions_match_numpy_reference(rnp, images, sliced):
+@pytest.mark.parametrize("mode", [execution.SLICED, execution.MASKED])
+def test_forced_per_image_actions_match_numpy_reference(rnp, images, mode):
     # sliced: the inference path (smaller convolutions on the active
     # channels); masked: the training path (full convolutions, zeroed).
+    # (SLICED_ONNX is for tf2onnx: test_export checks it in onnxruntime.)
     actions = np.array([[1, 1], [1, 4], [2, 3], [3, 2], [4, 1], [4, 4]])
-    logits, taken, _ = rnp._forward(
-        tf.constant(images), actions=tf.constant(actions), sliced=sliced
+    logits, taken, _ = rnp.forward(
+        tf.constant(images), actions=tf.constant(actions), mode=mode
     )
     expected = np_small_cnn(
         rnp.backbone, images.astype("float64"), actions, groups=4
@@ -57,7 +59,7 @@ def test_sliced_inference_equals_masked_with_empty_groups(rnp, batch):
     x = rng.normal(size=(batch, 10, 10, 3)).astype("float32")
     actions = rng.integers(1, 5, size=(batch, 2))
     out = rnp.run(x, actions=actions)
-    masked, _, _ = rnp._forward(tf.constant(x), actions=tf.constant(actions))
+    masked, _, _ = rnp.forward(tf.constant(x), actions=tf.constant(actions))
     np.testing.assert_allclose(out["logits"], masked, rtol=1e-5, atol=1e-5)
     assert out["logits"].shape == (batch, 5)
 
@@ -72,8 +74,8 @@ def test_empty_batch_gives_empty_outputs(rnp):
 def test_skipped_channels_are_exactly_zero_after_bn_and_activation(rnp, images):
     # Unit 0 is conv -> batch norm (beta > 0) -> relu -> max pool; without
     # the mask, batch norm's beta would make skipped channels positive.
-    unit = rnp._plan.units[0]
-    x = rnp._plan.pre[2](rnp._plan.pre[1](rnp._plan.pre[0](images)))
+    unit = rnp.plan.units[0]
+    x = rnp.plan.pre[2](rnp.plan.pre[1](rnp.plan.pre[0](images)))
     actions = tf.constant([1, 2, 3, 4, 1, 2])
     y = unit.call_masked(x, actions).numpy()
     assert y.shape == (6, 5, 5, 16)

@@ -1,5 +1,7 @@
 """Algorithm 1 inside fit(): Q-learning numbers, alternation, learning."""
 
+import textwrap
+
 import keras
 import numpy as np
 import pytest
@@ -24,59 +26,6 @@ def changed(before, variables):
         not np.array_equal(b, v.numpy())
         for b, v in zip(before, variables, strict=True)
     )
-
-
-@pytest.mark.parametrize("gamma", [1.0, 0.5])
-def test_q_learning_loss_matches_numpy(gamma):
-    rnp = keras_rnp.wrap(small_cnn(), groups=4, penalty=0.2, gamma=gamma)
-    rnp.compile()
-    rng = np.random.default_rng(0)
-    batch, steps, k = 3, 2, 4
-    q = rng.normal(size=(batch, steps, k)).astype("float32")
-    actions = np.array([[1, 4], [2, 2], [4, 3]])
-    logits = rng.normal(size=(batch, 5)).astype("float32")
-    y = np.array([0, 3, 4])
-    loss, ret = rnp._q_learning_loss(
-        tf.constant(y),
-        tf.constant(logits),
-        tf.constant(actions, tf.int32),
-        tf.constant(q),
-    )
-    # Reference.
-    shifted = logits - logits.max(1, keepdims=True)
-    log_p = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
-    cls = -log_p[np.arange(batch), y]
-    alpha = 1.0 / cls.mean()  # first step: running mean = batch mean
-    rewards = -0.2 * (actions - 1.0)
-    rewards[:, -1] += -alpha * cls
-    targets = rewards.copy()
-    targets[:, 0] += gamma * q[:, 1].max(-1)
-    taken = np.take_along_axis(q, actions[..., None] - 1, axis=2)[..., 0]
-    np.testing.assert_allclose(
-        float(loss), np.mean((targets - taken) ** 2), rtol=1e-5
-    )
-    np.testing.assert_allclose(float(ret), rewards.sum(1).mean(), rtol=1e-5)
-    np.testing.assert_allclose(float(rnp.alpha()), alpha, rtol=1e-5)
-
-
-def test_flops_penalty_weights_layers_by_their_share():
-    rnp = keras_rnp.wrap(small_cnn(), groups=4, penalty_mode="flops")
-    flops = np.array([unit.full_flops for unit in rnp._plan.units])
-    weights = flops / flops.sum() * 2
-    np.testing.assert_allclose(
-        rnp.action_cost,
-        weights[:, None] * np.arange(4)[None, :],
-        rtol=1e-6,
-    )
-
-
-def test_alpha_tracks_running_mean_of_classification_loss():
-    rnp = keras_rnp.wrap(small_cnn(), groups=4, alpha_momentum=0.5)
-    rnp.compile()
-    rnp._recalibrate_alpha(tf.constant([2.0, 2.0]))
-    assert float(rnp.alpha()) == pytest.approx(0.5)
-    rnp._recalibrate_alpha(tf.constant([4.0]))
-    assert float(rnp.alpha()) == pytest.approx(1 / 3.0)
 
 
 def test_fit_alternates_phases_and_freezes_the_other_network():
@@ -242,7 +191,7 @@ def test_backbone_is_fine_tuned_under_greedy_or_exploring_actions(
     )
     rnp.compile(optimizer=keras.optimizers.SGD(0.0))
     # Greedy decisions on training-mode features (batch-norm batch stats).
-    _, actions, _ = rnp._forward(x, training=True)
+    _, actions, _ = rnp.forward(x, training=True)
     greedy = rnp.flops_from_actions(actions).numpy() / rnp.full_flops
     logs = rnp.fit(x, y, batch_size=64, epochs=1, verbose=0).history
     if backbone_epsilon == 0.0:
@@ -273,11 +222,11 @@ def test_distillation_step_minimizes_full_plus_distilled_path_loss(
     variables = rnp.backbone.trainable_variables
     before = weights(variables)
     # The reference: the objective written out, its gradient by hand.
-    _, actions, _ = rnp._forward(x, training=True)
+    _, actions, _ = rnp.forward(x, training=True)
     full_actions = np.full(actions.shape, 4)
     with tf.GradientTape() as tape:
-        path, _, _ = rnp._forward(x, actions=actions, training=True)
-        full, _, _ = rnp._forward(x, actions=full_actions, training=True)
+        path, _, _ = rnp.forward(x, actions=actions, training=True)
+        full, _, _ = rnp.forward(x, actions=full_actions, training=True)
         labels = keras.ops.sparse_categorical_crossentropy
         teacher = tf.stop_gradient(tf.nn.softmax(full))
         objective = tf.reduce_mean(
@@ -305,3 +254,42 @@ def test_distillation_step_minimizes_full_plus_distilled_path_loss(
 def test_distillation_must_be_a_weight_in_0_1():
     with pytest.raises(ValueError, match="distillation"):
         keras_rnp.wrap(small_cnn(), distillation=1.5)
+
+
+@pytest.mark.parametrize("convs", [2, 3, 4])
+def test_decision_network_learns_with_one_to_three_gated_layers(convs):
+    # L = convs - 1 (the first convolution is not gated). With L = 1 the
+    # bootstrap term used to be empty, which made q_loss NaN on every step
+    # and left the decision network untrained.
+    keras.utils.set_random_seed(0)
+    backbone = keras.Sequential(
+        [keras.Input((8, 8, 3))]
+        + [
+            keras.layers.Conv2D(8, 3, padding="same", activation="relu")
+            for _ in range(convs)
+        ]
+        + [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(5)]
+    )
+    rnp = keras_rnp.wrap(backbone, groups=4, decision_steps=2, seed=0)
+    assert rnp.num_gated_layers == convs - 1
+    rnp.compile(decision_optimizer=keras.optimizers.SGD(0.1))
+    before = weights(rnp.decision.trainable_variables)
+    x = np.random.default_rng(0).normal(size=(16, 8, 8, 3)).astype("float32")
+    history = rnp.fit(x, np.arange(16) % 5, batch_size=8, epochs=1, verbose=0)
+    assert np.isfinite(history.history["q_loss"]).all()
+    assert changed(before, rnp.decision.trainable_variables)
+
+
+def test_wrap_docstring_example_trains_its_decision_network():
+    # The example in wrap()'s docstring gates one convolution (L = 1).
+    code = keras_rnp.wrap.__doc__.split("```python")[1].split("```")[0]
+    scope = {"keras": keras, "keras_rnp": keras_rnp}
+    exec(textwrap.dedent(code), scope)
+    rnp = scope["rnp"]
+    assert rnp.num_gated_layers == 1
+    rnp.compile()
+    before = weights(rnp.decision.trainable_variables)
+    x = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype("float32")
+    history = rnp.fit(x, np.arange(4), batch_size=2, epochs=1, verbose=0)
+    assert np.isfinite(history.history["q_loss"]).all()
+    assert changed(before, rnp.decision.trainable_variables)

@@ -1,0 +1,173 @@
+"""The forward pass of a gated network, in one of three modes.
+
+- `MASKED` (training): every gated unit computes all its channels and
+  zeroes the skipped groups, so gradients reach every weight.
+- `SLICED` (inference in TensorFlow: Keras, `run()`, the SavedModel): at
+  each gated unit the batch is split by (previous action, action), each
+  group runs one smaller convolution on exactly its channels, and the
+  results are merged back in order. Empty groups are skipped with
+  `tf.cond`; a batch whose images all took one action (always so at batch
+  1) runs without splitting.
+- `SLICED_ONNX` (inference for tf2onnx): the same grouping without control
+  flow, which tf2onnx converts badly; outputs are merged with a Gather,
+  faster in onnxruntime than the ScatterElements that DynamicStitch
+  becomes.
+
+The work the sliced modes execute is what `Plan.path_flops` counts.
+"""
+
+import tensorflow as tf
+
+MASKED = "masked"
+SLICED = "sliced"
+SLICED_ONNX = "sliced_onnx"
+MODES = (MASKED, SLICED, SLICED_ONNX)
+
+
+def forward(plan, decision, images, choose, mode=MASKED, training=False):
+    """Runs a gated network, deciding layer by layer.
+
+    Args:
+        plan: the `keras_rnp.planner.Plan`.
+        decision: the `keras_rnp.layers.DecisionNetwork`.
+        images: `[B, H, W, C]` float tensor.
+        choose: `choose(t, q_values) -> [B] int32 actions` for gated layer
+            `t`, given its `[B, k]` Q-values (see `keras_rnp.policy`).
+        mode: `MASKED`, `SLICED` or `SLICED_ONNX`.
+        training: passed to the backbone's layers (masked mode only).
+
+    Returns:
+        `(outputs, actions [B, L] int32, q_values [B, L, k])`.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}. Received: {mode!r}.")
+    x = images
+    for layer in plan.pre:
+        x = layer(x, training=training)
+    state = decision.initial_state(tf.shape(images)[0])
+    taken, q_values = [], []
+    previous = None
+    last = len(plan.units) - 1
+    for t, unit in enumerate(plan.units):
+        q, state = decision.step(t, tf.stop_gradient(x), state)
+        q_values.append(q)
+        action = choose(t, q)
+        taken.append(action)
+        if mode == MASKED:
+            x = unit.call_masked(x, action, training=training)
+        else:
+            head = plan if t == last else None
+            x = _run_sliced(unit, x, previous, action, head, mode)
+        previous = action
+    if mode == MASKED:
+        x = plan.head.call(x, training=training)
+    return x, tf.stack(taken, axis=1), tf.stack(q_values, axis=1)
+
+
+def _run_sliced(unit, x, previous, action, head_plan, mode):
+    """Runs a gated unit on its active channels, image group by group.
+
+    Images are grouped by (previous action, action), so each group runs
+    one smaller dense convolution on exactly the channels its images use.
+    Outputs are padded back to full width with zeros for the next layer,
+    or, for the last unit (`head_plan` given), go through the head's
+    sliced dense layer.
+    """
+    k = unit.groups
+    if unit.in_gated:
+        key = (previous - 1) * k + (action - 1)
+        pairs = [(i, o) for i in range(1, k + 1) for o in range(1, k + 1)]
+    else:
+        key = action - 1
+        pairs = [(None, o) for o in range(1, k + 1)]
+
+    def run_group(part, group):
+        a_in, a_out = pairs[group]
+        active_in = unit.in_channels
+        if a_in is not None:
+            active_in = a_in * (unit.in_channels // k)
+        active_out = a_out * (unit.out_channels // k)
+        y = unit.call_sliced(part, active_in, active_out)
+        if head_plan is not None:
+            return head_plan.head.call_sliced(y, active_out)
+        padding = unit.out_channels - active_out
+        if not padding:
+            return y
+        return tf.pad(y, [[0, 0], [0, 0], [0, 0], [0, padding]])
+
+    def partition_positions():
+        return tf.dynamic_partition(tf.range(tf.shape(x)[0]), key, len(pairs))
+
+    if mode == SLICED_ONNX:
+        positions = partition_positions()
+        # No control flow, and Gathers rather than the Compress and
+        # ScatterElements that dynamic_partition/stitch become.
+        outputs = [
+            run_group(tf.gather(x, index), group)
+            for group, index in enumerate(positions)
+        ]
+        # Row i of the concatenated outputs belongs to image order[i].
+        order = tf.concat(positions, axis=0)
+        batch = tf.shape(order)[0]
+        inverse = tf.scatter_nd(order[:, None], tf.range(batch), [batch])
+        return tf.gather(tf.concat(outputs, axis=0), inverse)
+
+    if head_plan is not None:
+        output_shape = head_plan.output_shape
+    else:
+        output_shape = unit.unit_output_shape
+    empty = tf.zeros([0, *output_shape], x.dtype)
+
+    def grouped():
+        positions = partition_positions()
+        parts = tf.dynamic_partition(x, key, len(pairs))
+        outputs = [
+            # An empty group must not reach the convolution (see
+            # GatedConv2D.call_sliced); skipping it also saves the call.
+            tf.cond(
+                tf.size(part) > 0,
+                lambda part=part, group=group: run_group(part, group),
+                lambda: empty,
+            )
+            for group, part in enumerate(parts)
+        ]
+        return tf.dynamic_stitch(positions, outputs)
+
+    def uniform():
+        # Every image is in one group (always so at batch 1): run it on
+        # the whole batch, without splitting and merging.
+        branches = [
+            lambda group=group: run_group(x, group)
+            for group in range(len(pairs))
+        ]
+        return tf.switch_case(tf.reduce_min(key), branches)
+
+    is_uniform = tf.logical_and(
+        tf.size(key) > 0, tf.reduce_min(key) == tf.reduce_max(key)
+    )
+    return tf.cond(is_uniform, uniform, grouped)
+
+
+def empty_outputs(plan):
+    """What `run()` returns for an empty batch: empty tensors of the right
+    shapes and dtypes."""
+    steps, groups = len(plan.units), plan.units[0].groups
+    return {
+        "logits": tf.zeros((0, *plan.output_shape), tf.float32),
+        "actions": tf.zeros((0, steps), tf.int32),
+        "flops": tf.zeros((0,), tf.float32),
+        "q_values": tf.zeros((0, steps, groups), tf.float32),
+    }
+
+
+def unless_empty(images, run, empty):
+    """`run()` for a non-empty batch, `empty()` for an empty one.
+
+    With oneDNN (TensorFlow 2.21, CPU) a convolution on an empty batch
+    returns a tensor of the wrong shape, so an empty batch must not reach
+    the network. A known batch size is decided in Python; an unknown one
+    (a traced function) with `tf.cond`.
+    """
+    if images.shape[0] is not None:
+        return run() if images.shape[0] else empty()
+    return tf.cond(tf.shape(images)[0] > 0, run, empty)

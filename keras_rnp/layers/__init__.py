@@ -1,0 +1,13 @@
+"""The Keras layers an RNP model is made of.
+
+- `GatedConv2D`: a convolution and its channel-wise tail, run on a prefix
+  of its channel groups (masked for training, sliced for inference).
+- `GatedHead`: the classifier head, reading only the active channels.
+- `DecisionNetwork`: the recurrent Q-network that chooses the groups.
+"""
+
+from keras_rnp.layers.decision_network import DecisionNetwork
+from keras_rnp.layers.gated_conv2d import GatedConv2D
+from keras_rnp.layers.gated_head import GatedHead
+
+__all__ = ["DecisionNetwork", "GatedConv2D", "GatedHead"]

@@ -1,0 +1,240 @@
+"""GatedConv2D: a convolution whose output channels run in nested groups.
+
+The one place that knows how a gated unit executes for a number of active
+input and output channel groups: masked (training: every channel computed,
+the skipped ones zeroed) or sliced (inference: a smaller convolution on the
+active channels, batch norm folded into it).
+"""
+
+import keras
+import tensorflow as tf
+
+from keras_rnp import flops as flops_lib
+
+_L = keras.layers
+
+
+@keras.saving.register_keras_serializable(package="keras_rnp")
+class GatedConv2D(keras.layers.Layer):
+    """A Conv2D and the channel-wise layers after it, run on a prefix of
+    its output channel groups.
+
+    The convolution's `filters` are split into `groups` contiguous groups;
+    action `a` computes groups `1..a` and leaves the rest exactly zero at
+    the unit's output, after batch norm and activation, so the next
+    convolution can ignore them. `keras_rnp.wrap()` builds one per gated
+    convolution of a plain model, around that model's own layers.
+
+    Args:
+        conv: the `keras.layers.Conv2D` (or its serialized form).
+        tail: the channel-wise layers that follow it (batch norm,
+            activations, pooling, dropout), in order.
+        groups: channel groups `k`; `conv.filters` must be divisible by it.
+        in_gated: whether the input comes from another gated unit, so that
+            only its first `a_{t-1}` of `k` input groups are active (and
+            the convolution reads only those when sliced).
+        **kwargs: base `keras.layers.Layer` arguments.
+
+    Call arguments:
+        inputs: `[B, H, W, C_in]` feature map; channels that a previous
+            gated unit skipped are already 0.
+        action: `[B]` int tensor in `1..groups`, the groups to keep.
+        training: passed to batch norm and dropout.
+
+    Output shape:
+        `[B, H', W', filters]`, channels past `action * filters / k`
+        exactly 0 in each image.
+
+    Example:
+
+    ```python
+    unit = keras_rnp.layers.GatedConv2D(
+        keras.layers.Conv2D(16, 3, padding="same"),
+        tail=[keras.layers.BatchNormalization(), keras.layers.ReLU()],
+        groups=4,
+    )
+    y = unit(images, action=tf.constant([1, 4]))       # masked
+    z = unit.call_sliced(images, in_active=3, out_active=4)  # 4 channels
+    ```
+    """
+
+    def __init__(self, conv, tail=(), groups=4, in_gated=False, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(conv, dict):
+            conv = keras.saving.deserialize_keras_object(conv)
+        tail = [
+            keras.saving.deserialize_keras_object(layer)
+            if isinstance(layer, dict)
+            else layer
+            for layer in tail
+        ]
+        if not isinstance(conv, _L.Conv2D):
+            raise ValueError(
+                "GatedConv2D expects a keras.layers.Conv2D. Received: "
+                f"conv={conv!r}."
+            )
+        if isinstance(groups, bool) or not isinstance(groups, int):
+            raise ValueError(
+                f"groups must be an integer >= 1. Received: groups={groups!r}."
+            )
+        if groups < 1 or conv.filters % groups:
+            raise ValueError(
+                "GatedConv2D expects filters divisible by groups. Received: "
+                f"filters={conv.filters}, groups={groups}."
+            )
+        self.conv = conv
+        self.tail = list(tail)
+        self.groups = groups
+        self.in_gated = bool(in_gated)
+        self.out_channels = conv.filters
+        self.in_channels = None
+        self.full_flops = None
+        self.unit_output_shape = None
+
+    def build(self, input_shape):
+        shape = tuple(input_shape)
+        if not self.conv.built:
+            self.conv.build(shape)
+        out = self.conv.compute_output_shape(shape)
+        for layer in self.tail:
+            if not layer.built:
+                layer.build(out)
+            out = layer.compute_output_shape(out)
+        self._describe(shape)
+        self.built = True
+
+    def _describe(self, input_shape):
+        conv_out = self.conv.compute_output_shape(tuple(input_shape))
+        self.in_channels = int(input_shape[-1])
+        self.full_flops = flops_lib.layer_flops(
+            self.conv, input_shape, conv_out
+        )
+        out = conv_out
+        for layer in self.tail:
+            out = layer.compute_output_shape(out)
+        self.unit_output_shape = tuple(out[1:])
+
+    def compute_output_shape(self, input_shape):
+        out = self.conv.compute_output_shape(tuple(input_shape))
+        for layer in self.tail:
+            out = layer.compute_output_shape(out)
+        return out
+
+    def active_fraction_in(self, previous_action):
+        """Fraction of input channels active, given the previous action."""
+        if not self.in_gated:
+            return 1.0
+        return previous_action / self.groups
+
+    def channel_mask(self, action):
+        """A `[B, 1, 1, C]` float mask keeping the first `action` groups."""
+        group_size = self.out_channels // self.groups
+        mask = tf.sequence_mask(
+            tf.cast(action, tf.int32) * group_size,
+            self.out_channels,
+            dtype=tf.float32,
+        )
+        return mask[:, None, None, :]
+
+    def call(self, inputs, action, training=False):
+        return self.call_masked(inputs, action, training=training)
+
+    def call_masked(self, x, action, training=False):
+        """Runs the full unit, then zeroes the skipped channel groups.
+
+        Args:
+            x: `[B, H, W, C_in]` input; its skipped channels are already 0.
+            action: `[B]` int tensor, the number of groups to keep per image.
+            training: passed to batch norm and dropout.
+
+        Returns:
+            `[B, H', W', C_out]`, with channels past `action * C_out / k`
+            exactly 0 in every image.
+        """
+        y = self.conv(x)
+        for layer in self.tail:
+            y = layer(y, training=training)
+        return y * tf.cast(self.channel_mask(action), y.dtype)
+
+    def call_sliced(self, x, in_active, out_active):
+        """Inference on the active channels only: a smaller convolution.
+
+        Computes `kernel[:, :, :in_active, :out_active]` on the first
+        `in_active` input channels, with batch norm folded into it where it
+        directly follows a linear convolution, then the tail on the
+        `out_active` computed channels. Dropout is skipped (inference).
+
+        Args:
+            x: `[B, H, W, C]` with `C >= in_active`; channels past
+                `in_active` are ignored.
+            in_active: input channels to read (a Python int).
+            out_active: output channels to compute (a Python int).
+
+        Returns:
+            `[B, H', W', out_active]`, equal (up to rounding) to the first
+            `out_active` channels of `call_masked` in inference mode.
+
+        Do not call it on an empty batch: with oneDNN (TensorFlow 2.21, CPU)
+        a convolution on an empty batch returns a tensor of the wrong shape,
+        which no later reshape in the graph repairs.
+        """
+        conv = self.conv
+        if x.shape[-1] != in_active:
+            x = x[..., :in_active]
+        kernel, bias = conv.kernel, conv.bias if conv.use_bias else None
+        # Slice only what is cut: a slice of a variable is a copy.
+        if (in_active, out_active) != tuple(kernel.shape[2:]):
+            kernel = kernel[:, :, :in_active, :out_active]
+            bias = None if bias is None else bias[:out_active]
+        tail = list(self.tail)
+        linear = activation_name(conv) == "linear"
+        if linear and tail and isinstance(tail[0], _L.BatchNormalization):
+            scale, offset = batch_norm_affine(tail.pop(0), out_active)
+            kernel = kernel * scale
+            bias = offset if bias is None else bias * scale + offset
+        y = tf.nn.conv2d(
+            x,
+            kernel,
+            strides=conv.strides,
+            padding=conv.padding.upper(),
+            dilations=conv.dilation_rate,
+        )
+        if bias is not None:
+            y = tf.nn.bias_add(y, bias)
+        y = conv.activation(y)
+        for layer in tail:
+            if isinstance(layer, _L.BatchNormalization):
+                scale, offset = batch_norm_affine(layer, out_active)
+                y = y * scale + offset
+            elif not isinstance(layer, _L.Dropout):
+                y = layer(y, training=False)
+        return y
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "conv": keras.saving.serialize_keras_object(self.conv),
+            "tail": [
+                keras.saving.serialize_keras_object(layer)
+                for layer in self.tail
+            ],
+            "groups": self.groups,
+            "in_gated": self.in_gated,
+        }
+
+
+def batch_norm_affine(layer, channels):
+    """Inference batch norm on the first `channels` as `y * scale + offset`."""
+    scale = tf.math.rsqrt(layer.moving_variance[:channels] + layer.epsilon)
+    if layer.scale:
+        scale = scale * layer.gamma[:channels]
+    offset = -layer.moving_mean[:channels] * scale
+    if layer.center:
+        offset = offset + layer.beta[:channels]
+    return scale, offset
+
+
+def activation_name(layer):
+    """The name of a layer's activation function (e.g. `"relu"`)."""
+    activation = getattr(layer, "activation", None)
+    return getattr(activation, "__name__", str(activation))

@@ -1,0 +1,284 @@
+"""Algorithm 1 inside Keras `fit`: the trainer half of `RNPModel`.
+
+`RNPTrainer` is a mixin, as Keras keeps its `Trainer` apart from `Model`:
+compile (two optimizers), the metrics, the phase of each step, the
+per-replica train functions, the Q-learning step, the fine-tuning step and
+the test step. The learning math itself is in `keras_rnp.q_learning`;
+the model (`keras_rnp.rnp_model`) holds the state this reads and updates.
+"""
+
+import functools
+
+import keras
+import tensorflow as tf
+
+from keras_rnp import execution
+from keras_rnp import q_learning
+from keras_rnp.policy import linearly_decaying_epsilon
+
+PHASES = ("decision", "backbone")
+
+
+class RNPTrainer:
+    """Training for `RNPModel`: the paper's Algorithm 1 in `fit`.
+
+    Training steps alternate between `decision_steps` Q-learning updates
+    of the decision network (backbone frozen, epsilon-greedy) and
+    `backbone_steps` fine-tuning updates of the backbone (decision network
+    frozen), round after round. The host class provides `forward`,
+    `flops_from_actions`, `backbone`, `decision`, the step counters and
+    `loss_ema`, and the hyper-parameters.
+    """
+
+    def _init_trainer(self):
+        self._loss_tracker_ = keras.metrics.Mean(name="loss")
+        self.q_loss_tracker = keras.metrics.Mean(name="q_loss")
+        self.reward_tracker = keras.metrics.Mean(name="reward")
+        self.epsilon_tracker = keras.metrics.Mean(name="epsilon")
+        self.flops_ratio_tracker = keras.metrics.Mean(name="flops_ratio")
+        self.decision_optimizer = None
+        self._per_sample_loss = None
+
+    def compile(
+        self,
+        optimizer="rmsprop",
+        decision_optimizer="adam",
+        loss=None,
+        metrics=None,
+        **kwargs,
+    ):
+        """Configures training.
+
+        Args:
+            optimizer: the backbone's optimizer (fine-tuning steps).
+            decision_optimizer: the decision network's optimizer (Q-learning
+                steps), separate from the backbone's.
+            loss: the classification loss. Defaults to sparse categorical
+                cross-entropy, from logits unless the backbone ends in a
+                softmax. Its per-image value also makes the final reward.
+            metrics: as in `keras.Model.compile`; defaults to
+                `["accuracy"]`.
+            **kwargs: other `keras.Model.compile` arguments.
+        """
+        if loss is None:
+            loss = keras.losses.SparseCategoricalCrossentropy(
+                from_logits=not self.ends_in_softmax
+            )
+        if metrics is None:
+            metrics = ["accuracy"]
+        super().compile(
+            optimizer=optimizer, loss=loss, metrics=metrics, **kwargs
+        )
+        loss_object = keras.losses.get(loss)
+        if isinstance(loss_object, keras.losses.Loss):
+            self._per_sample_loss = loss_object.call
+        else:
+            self._per_sample_loss = loss_object
+        self.decision_optimizer = keras.optimizers.get(decision_optimizer)
+        self.optimizer.build(self.backbone.trainable_variables)
+        self.decision_optimizer.build(self.decision.trainable_variables)
+
+    @property
+    def metrics(self):
+        ours = [
+            self._loss_tracker_,
+            self.q_loss_tracker,
+            self.reward_tracker,
+            self.epsilon_tracker,
+            self.flops_ratio_tracker,
+        ]
+        others = [
+            m
+            for m in super().metrics
+            if m.name != "loss" and all(m is not o for o in ours)
+        ]
+        return [ours[0], *others, *ours[1:]]
+
+    def epsilon(self):
+        """The exploration rate at the current decision step."""
+        return linearly_decaying_epsilon(
+            self.decision_step_counter,
+            self.epsilon_decay_steps,
+            self.epsilon_start,
+            self.epsilon_end,
+        )
+
+    def alpha(self):
+        """Weight of the classification loss in the final reward."""
+        return q_learning.alpha(self.loss_ema)
+
+    def in_decision_phase(self):
+        """True when the next training step updates the decision network."""
+        return q_learning.in_decision_phase(
+            self.step_counter, self.decision_steps, self.backbone_steps
+        )
+
+    def make_train_function(self, force=False):
+        """Under a strategy with several replicas, one compiled function per
+        phase, chosen on the host before each step.
+
+        The optimizers' updates are synchronization points between
+        replicas, which tf.distribute does not allow inside a `tf.cond`;
+        on one device the phase is picked inside the graph instead.
+        """
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        if replicas == 1 or (self.train_function is not None and not force):
+            return super().make_train_function(force)
+        if self.steps_per_execution > 1:
+            raise ValueError(
+                "RNPModel trains with steps_per_execution=1 under a "
+                f"distribution strategy ({replicas} replicas). Received: "
+                f"steps_per_execution={self.steps_per_execution}."
+            )
+        # Keras' own per-step wrapper (strategy.run and the reduction of
+        # the replicas' results), given each phase's step function.
+        functions = {
+            phase: self._make_function(
+                functools.partial(self._train_step, phase=phase)
+            )
+            for phase in PHASES
+        }
+
+        def train_function(iterator):
+            decision = bool(self.in_decision_phase().numpy())
+            return functions["decision" if decision else "backbone"](iterator)
+
+        self.train_function = train_function
+        return train_function
+
+    def train_step(self, data):
+        return self._train_step(data, phase=None)
+
+    def _train_step(self, data, phase):
+        """One step of Algorithm 1; `phase` None picks it in the graph."""
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if self.decision_steps == 0 or phase == "backbone":
+            self._backbone_step(x, y, sample_weight)
+        elif self.backbone_steps == 0 or phase == "decision":
+            self._decision_step(x, y, sample_weight)
+        else:
+            tf.cond(
+                self.in_decision_phase(),
+                lambda: self._decision_step(x, y, sample_weight),
+                lambda: self._backbone_step(x, y, sample_weight),
+            )
+        self.step_counter.assign_add(1)
+        return self.get_metrics_result()
+
+    def _decision_step(self, x, y, sample_weight):
+        """One Q-learning update of the decision network (backbone frozen)."""
+        epsilon = self.epsilon()
+        with tf.GradientTape() as tape:
+            logits, actions, q_values = self.forward(
+                x, epsilon=epsilon, training=False
+            )
+            cls_loss = tf.cast(self._per_sample_loss(y, logits), tf.float32)
+            self.loss_ema.assign(
+                q_learning.updated_loss_mean(
+                    self.loss_ema, cls_loss, self.alpha_momentum
+                )
+            )
+            rewards = q_learning.rewards(
+                actions, self.action_cost, self.penalty, cls_loss, self.alpha()
+            )
+            targets = q_learning.targets(rewards, q_values, self.gamma)
+            q_loss = q_learning.q_loss(q_values, actions, targets)
+            # Gradients are summed over replicas: scale each one's share.
+            scaled = q_loss / _num_replicas()
+        variables = self.decision.trainable_variables
+        gradients = tape.gradient(scaled, variables)
+        self.decision_optimizer.apply(gradients, variables)
+        self.decision_step_counter.assign_add(1)
+        self.q_loss_tracker.update_state(q_loss)
+        self.reward_tracker.update_state(q_learning.episode_return(rewards))
+        self.epsilon_tracker.update_state(epsilon)
+        self._update_metrics(x, y, logits, actions, sample_weight)
+        return tf.constant(0)
+
+    def _backbone_step(self, x, y, sample_weight):
+        """One fine-tuning update of the backbone under the decisions."""
+        epsilon = self.backbone_epsilon or None
+        with tf.GradientTape() as tape:
+            logits, actions, _ = self.forward(x, epsilon=epsilon, training=True)
+            loss = self._loss(x, y, logits, sample_weight, training=True)
+            total = loss
+            if self.distillation:
+                total = loss + self._distillation_loss(
+                    x, y, logits, sample_weight, loss.dtype
+                )
+            scaled = self.optimizer.scale_loss(total)
+        variables = self.backbone.trainable_variables
+        gradients = tape.gradient(scaled, variables)
+        self.optimizer.apply(gradients, variables)
+        self._update_metrics(x, y, logits, actions, sample_weight, loss)
+        return tf.constant(0)
+
+    def _distillation_loss(self, x, y, logits, sample_weight, dtype):
+        """What in-place distillation adds to `compute_loss`'s `L(y, path)`
+        (so that the model's regularization losses count once, unscaled):
+        see `q_learning.distillation_per_image`."""
+        batch = tf.shape(x)[0]
+        full, _, _ = self.forward(
+            x,
+            actions=tf.fill([batch, self.num_gated_layers], self.groups),
+            training=True,
+        )
+        per_image = q_learning.distillation_per_image(
+            hard=self._per_sample_loss(y, logits),
+            full_hard=self._per_sample_loss(y, full),
+            student=logits,
+            teacher=full,
+            weight=self.distillation,
+            from_logits=not self.ends_in_softmax,
+        )
+        if sample_weight is not None:
+            per_image *= tf.cast(tf.reshape(sample_weight, [-1]), tf.float32)
+        # As compute_loss does: the batch mean, divided among the replicas.
+        extra = tf.reduce_mean(per_image) / _num_replicas()
+        return tf.cast(extra, dtype)
+
+    def _loss(self, x, y, logits, sample_weight, training):
+        return self.compute_loss(
+            x=x,
+            y=y,
+            y_pred=logits,
+            sample_weight=sample_weight,
+            training=training,
+        )
+
+    def _update_metrics(self, x, y, logits, actions, sample_weight, loss=None):
+        if loss is None:
+            loss = self._loss(x, y, logits, sample_weight, training=False)
+        # compute_loss() divides by the number of replicas (for summed
+        # gradients); report the loss itself.
+        self._loss_tracker_.update_state(loss * _num_replicas())
+        self.flops_ratio_tracker.update_state(
+            self.flops_from_actions(actions) / self.full_flops
+        )
+        super().compute_metrics(x, y, logits, sample_weight)
+
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        logits, actions, _ = self.forward(x, mode=execution.SLICED)
+        self._update_metrics(x, y, logits, actions, sample_weight)
+        decision_only = ("q_loss", "reward", "epsilon")
+        return {
+            name: value
+            for name, value in self.get_metrics_result().items()
+            if name not in decision_only
+        }
+
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        if config is not None and self.decision_optimizer is not None:
+            config["decision_optimizer"] = keras.saving.serialize_keras_object(
+                self.decision_optimizer
+            )
+        return config
+
+    def compile_from_config(self, config):
+        self.compile(**keras.saving.deserialize_keras_object(config))
+
+
+def _num_replicas():
+    return tf.distribute.get_strategy().num_replicas_in_sync

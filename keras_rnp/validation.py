@@ -1,0 +1,110 @@
+"""Argument and input checks, each with a message that says what was
+expected and what was received."""
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def check_backend():
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(
+            "keras_rnp needs the TensorFlow backend of Keras 3 (set "
+            "KERAS_BACKEND=tensorflow). Received: "
+            f"backend={keras.backend.backend()}."
+        )
+
+
+def check_int(name, value, minimum):
+    """An int (not a bool) >= `minimum`."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or value < minimum
+    ):
+        raise ValueError(
+            f"{name} must be an integer >= {minimum}. Received: "
+            f"{name}={value!r}."
+        )
+
+
+def check_number(name, value, minimum=None, maximum=None):
+    """A finite real number (not a bool) within the bounds given."""
+    ok = (
+        isinstance(value, (int, float, np.number))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (minimum is None or value >= minimum)
+        and (maximum is None or value <= maximum)
+    )
+    if not ok:
+        bounds = (
+            f"in [{minimum}, {maximum}]"
+            if maximum is not None
+            else f">= {minimum}"
+        )
+        raise ValueError(
+            f"{name} must be a finite number {bounds}. Received: "
+            f"{name}={value!r}."
+        )
+
+
+def check_budget(budget, batch):
+    """A budget >= 0: one number, or one per image; as a float32 tensor."""
+    values = np.asarray(budget, dtype=np.float64)
+    if values.ndim > 1 or (values.ndim == 1 and values.shape[0] != batch):
+        raise ValueError(
+            f"budget must be a number or one number per image ({batch}). "
+            f"Received: budget with shape {values.shape}."
+        )
+    if not np.all(np.isfinite(values)) or np.any(values < 0):
+        raise ValueError(
+            f"budget must be finite and >= 0. Received: budget={budget!r}."
+        )
+    return tf.constant(values, tf.float32)
+
+
+def check_images(images, image_shape, dtype):
+    """Images as a float tensor of `dtype`; a clear error for the wrong
+    rank, size, channels or dtype (dimensions unknown while tracing pass).
+    """
+    images = tf.convert_to_tensor(images)
+    expected = (None, *image_shape)
+    if images.shape.rank != 4 or any(
+        got is not None and got != want
+        for got, want in zip(images.shape[1:], expected[1:], strict=True)
+    ):
+        raise ValueError(
+            f"Expected images of shape {expected}. Received: "
+            f"images.shape={tuple(images.shape)}."
+        )
+    if not images.dtype.is_floating:
+        raise ValueError(
+            "Expected float images. Received: "
+            f"images.dtype={images.dtype.name}."
+        )
+    return tf.cast(images, dtype)
+
+
+def check_actions(actions, batch, num_layers, groups):
+    """Forced actions: an int for every layer, or `[batch, num_layers]`
+    ints, all in `1..groups`; as an int32 tensor."""
+    if isinstance(actions, (int, np.integer)):
+        actions = np.full((batch, num_layers), actions)
+    actions = np.asarray(actions)
+    if actions.shape != (batch, num_layers) or not np.issubdtype(
+        actions.dtype, np.integer
+    ):
+        raise ValueError(
+            f"Expected actions as an int or an int array of shape "
+            f"({batch}, {num_layers}). Received: actions with shape "
+            f"{actions.shape} and dtype {actions.dtype}."
+        )
+    if actions.size and (actions.min() < 1 or actions.max() > groups):
+        raise ValueError(
+            f"Expected actions in 1..{groups}. Received: actions "
+            f"from {actions.min()} to {actions.max()}."
+        )
+    return tf.constant(actions, tf.int32)
