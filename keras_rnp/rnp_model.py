@@ -375,6 +375,24 @@ class RNPModel(RNPTrainer, keras.Model):
             "q_values": q_values,
         }
 
+    def export(self, filepath, format="tf_saved_model", **kwargs):
+        """Not supported: use `keras_rnp.export_saved_model` or
+        `keras_rnp.export_onnx`.
+
+        Keras' exporter traces `call()` alone: it would drop the budget and
+        forced-actions signatures and the `actions` and `flops` outputs.
+
+        Raises:
+            ValueError: always, naming the functions to use.
+        """
+        raise ValueError(
+            "RNPModel.export() is not supported: it would export call() "
+            "alone, without the budget, actions and flops. Use "
+            "keras_rnp.export_saved_model(rnp, path) (a SavedModel for TF "
+            "Serving) or keras_rnp.export_onnx(rnp, path). Received: "
+            f"format={format!r}."
+        )
+
     def _run_function(self, forced):
         """`infer` compiled once for any batch size."""
         functions = _RUN_FUNCTIONS.setdefault(self, {})

@@ -8,6 +8,7 @@ the model (`keras_rnp.rnp_model`) holds the state this reads and updates.
 """
 
 import functools
+import warnings
 
 import keras
 import tensorflow as tf
@@ -112,6 +113,20 @@ class RNPTrainer:
         return q_learning.in_decision_phase(
             self.step_counter, self.decision_steps, self.backbone_steps
         )
+
+    def fit(self, *args, **kwargs):
+        """`keras.Model.fit`, running Algorithm 1's phases; warns when one
+        of the two phases never ran (too few steps for `decision_steps`
+        and `backbone_steps`)."""
+        start = int(self.step_counter.numpy())
+        history = super().fit(*args, **kwargs)
+        _warn_if_a_phase_never_ran(
+            start,
+            int(self.step_counter.numpy()),
+            self.decision_steps,
+            self.backbone_steps,
+        )
+        return history
 
     def make_train_function(self, force=False):
         """Under a strategy with several replicas, one compiled function per
@@ -278,6 +293,33 @@ class RNPTrainer:
 
     def compile_from_config(self, config):
         self.compile(**keras.saving.deserialize_keras_object(config))
+
+
+def _warn_if_a_phase_never_ran(start, end, decision_steps, backbone_steps):
+    if end <= start:
+        return
+    decision_before, backbone_before = q_learning.phase_counts(
+        start, decision_steps, backbone_steps
+    )
+    decision_after, backbone_after = q_learning.phase_counts(
+        end, decision_steps, backbone_steps
+    )
+    missing = []
+    if decision_steps and decision_after == decision_before:
+        missing.append("the decision network was not trained")
+    if backbone_steps and backbone_after == backbone_before:
+        missing.append("the backbone was not fine-tuned")
+    if missing:
+        warnings.warn(
+            f"RNPModel.fit ran {end - start} training steps (steps {start} "
+            f"to {end - 1}), all in one phase of Algorithm 1 "
+            f"(decision_steps={decision_steps}, then "
+            f"backbone_steps={backbone_steps}, per round): "
+            f"{' and '.join(missing)}. Use smaller decision_steps and "
+            "backbone_steps (a fraction of an epoch's steps) or train "
+            "for more steps.",
+            stacklevel=3,
+        )
 
 
 def _num_replicas():

@@ -242,3 +242,10 @@ def test_failed_export_leaves_previous_artifact_intact(
     with pytest.raises(OSError, match="disk full"):
         keras_rnp.export_saved_model(rnp, base)
     assert os.listdir(base) == []
+
+
+def test_keras_export_points_to_the_keras_rnp_exporters(tmp_path):
+    rnp = keras_rnp.wrap(small_cnn(), groups=4)
+    with pytest.raises(ValueError, match="keras_rnp.export_saved_model"):
+        rnp.export(str(tmp_path / "model"))
+    assert not (tmp_path / "model").exists()

@@ -1,6 +1,7 @@
 """Algorithm 1 inside fit(): Q-learning numbers, alternation, learning."""
 
 import textwrap
+import warnings
 
 import keras
 import numpy as np
@@ -293,3 +294,20 @@ def test_wrap_docstring_example_trains_its_decision_network():
     history = rnp.fit(x, np.arange(4), batch_size=2, epochs=1, verbose=0)
     assert np.isfinite(history.history["q_loss"]).all()
     assert changed(before, rnp.decision.trainable_variables)
+
+
+def test_fit_warns_when_a_phase_never_runs():
+    # 3 epochs of 2 steps with the default 100 + 100: decision steps only.
+    x, y = data(16)
+    rnp = keras_rnp.wrap(small_cnn(), groups=4, seed=0)
+    rnp.compile()
+    with pytest.warns(UserWarning, match="backbone was not fine-tuned"):
+        rnp.fit(x, y, batch_size=8, epochs=3, verbose=0)
+    # Both phases run: no warning.
+    rnp = keras_rnp.wrap(
+        small_cnn(), groups=4, decision_steps=1, backbone_steps=1, seed=0
+    )
+    rnp.compile()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        rnp.fit(x, y, batch_size=8, epochs=1, verbose=0)
