@@ -46,30 +46,57 @@ def dense_flops(in_features, units, positions=1):
     return 2.0 * in_features * units * positions
 
 
+_L = keras.layers
+_CONVS = (_L.Conv1D, _L.Conv2D, _L.Conv3D)
+_TRANSPOSED_CONVS = (
+    _L.Conv1DTranspose,
+    _L.Conv2DTranspose,
+    _L.Conv3DTranspose,
+)
+_DEPTHWISE_CONVS = (_L.DepthwiseConv1D, _L.DepthwiseConv2D)
+_SEPARABLE_CONVS = (_L.SeparableConv1D, _L.SeparableConv2D)
+# Layers with weights but no multiply-adds by this module's convention
+# (normalization, scaling, lookups), counted 0 like every weight-free
+# layer (pooling, padding, Add, Concatenate, activations, reshapes).
+_FREE_WITH_WEIGHTS = (
+    _L.BatchNormalization,
+    _L.LayerNormalization,
+    _L.GroupNormalization,
+    _L.Normalization,
+    _L.Embedding,
+    _L.PReLU,
+)
+# Weight-free layers that multiply feature maps together.
+_UNCOUNTED = (_L.Attention, _L.AdditiveAttention, _L.MultiHeadAttention)
+
+
 def layer_flops(layer, input_shape, output_shape):
     """FLOPs per image of one layer, given its input and output shapes.
 
-    Conv1D/2D/3D, DepthwiseConv2D, SeparableConv2D and Dense are counted;
-    every other layer counts 0.
+    Convolutions (Conv1D/2D/3D, their transposes, depthwise and separable
+    ones) and Dense are counted; normalization, pooling, padding, merges
+    (Add, Concatenate, ...), activations and reshapes count 0.
 
     Raises:
-        ValueError: for a nested model or a convolution that is not
-            channels-last, which this function cannot count.
+        ValueError: for a layer whose cost is not defined by this
+            convention (recurrent layers, attention, other layers with
+            weights), a convolution that is not channels-last, or an
+            unknown spatial size where the cost depends on it.
     """
     if isinstance(layer, keras.Model):
         raise ValueError(
-            "count_flops() expects a flat model; nested models are not "
-            f"supported. Received: layer={layer.name} "
+            "layer_flops() expects a layer; count a nested model with "
+            f"count_flops(). Received: layer={layer.name} "
             f"({type(layer).__name__})."
         )
-    if isinstance(layer, keras.layers.Dense):
+    if isinstance(layer, _L.Dense):
+        _check_known(layer, output_shape[1:])
         return dense_flops(
             input_shape[-1], layer.units, math.prod(output_shape[1:-1])
         )
-    if isinstance(
-        layer, (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D)
-    ):
+    if isinstance(layer, _DEPTHWISE_CONVS + _SEPARABLE_CONVS):
         _check_channels_last(layer)
+        _check_known(layer, output_shape[1:])
         in_ch = input_shape[-1]
         out_hw = output_shape[1:-1]
         depth = conv_flops(
@@ -79,15 +106,27 @@ def layer_flops(layer, input_shape, output_shape):
             in_ch * layer.depth_multiplier,
             groups=in_ch,
         )
-        if isinstance(layer, keras.layers.SeparableConv2D):
+        if isinstance(layer, _SEPARABLE_CONVS):
             return depth + conv_flops(
-                out_hw, (1, 1), in_ch * layer.depth_multiplier, layer.filters
+                out_hw,
+                (1,) * len(out_hw),
+                in_ch * layer.depth_multiplier,
+                layer.filters,
             )
         return depth
-    if isinstance(
-        layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
-    ):
+    if isinstance(layer, _TRANSPOSED_CONVS):
         _check_channels_last(layer)
+        _check_known(layer, input_shape[1:])
+        # Every input position multiplies the whole kernel into the output.
+        return conv_flops(
+            input_shape[1:-1],
+            layer.kernel_size,
+            input_shape[-1],
+            layer.filters,
+        )
+    if isinstance(layer, _CONVS):
+        _check_channels_last(layer)
+        _check_known(layer, output_shape[1:])
         return conv_flops(
             output_shape[1:-1],
             layer.kernel_size,
@@ -95,25 +134,40 @@ def layer_flops(layer, input_shape, output_shape):
             layer.filters,
             groups=layer.groups,
         )
+    if isinstance(layer, _UNCOUNTED) or (
+        layer.weights and not isinstance(layer, _FREE_WITH_WEIGHTS)
+    ):
+        raise ValueError(
+            "count_flops() counts convolutions and dense layers (2 FLOPs "
+            "per multiply-add; normalization, pooling, merges and "
+            "activations count 0) and has no defined cost for layer "
+            f"'{layer.name}' ({type(layer).__name__}). Count that layer "
+            "yourself, or leave it out of the model you count."
+        )
     return 0.0
 
 
 def count_flops(model):
     """FLOPs per image of a plain (unwrapped) Keras model.
 
-    Counts 2 FLOPs per multiply-add of every convolution and dense layer;
-    other layers count nothing (see the module docstring). For a
-    `keras_rnp.RNPModel`, use `model.full_flops` or `model.run(x)["flops"]`.
+    Counts 2 FLOPs per multiply-add of every convolution (plain,
+    transposed, depthwise, separable) and dense layer; normalization,
+    pooling, padding, merges and activations count nothing (see the module
+    docstring). Nested models are counted layer by layer. For a
+    `keras_rnp.RNPModel`, this is `model.full_flops`; use
+    `model.run(x)["flops"]` for what a path costs.
 
     Args:
-        model: a built `keras.Sequential` or functional model.
+        model: a built `keras.Sequential` or functional model (branches,
+            merges and nested models are fine).
 
     Returns:
         The FLOPs for one image, as a Python float.
 
     Raises:
-        ValueError: if the model is not built or holds a layer that cannot
-            be counted.
+        ValueError: if the model is not built, holds a layer whose cost is
+            not defined (named in the message) or a layer called more than
+            once, or its image size is unknown where the cost depends on it.
 
     Example:
 
@@ -133,19 +187,45 @@ def count_flops(model):
             "count_flops() expects a built keras.Model. Received: "
             f"model={model!r}."
         )
-    try:
-        layers_io = [
-            (layer, layer.input.shape, layer.output.shape)
-            for layer in model.layers
-            if not isinstance(layer, keras.layers.InputLayer)
-        ]
-    except (AttributeError, ValueError) as error:
+    total = 0.0
+    for layer in model.layers:
+        if isinstance(layer, _L.InputLayer):
+            continue
+        if isinstance(layer, keras.Model):
+            total += count_flops(layer)
+            continue
+        problem = None
+        # A shared layer has one node per call (a private list of Keras'
+        # layers, read only to refuse what would be counted once).
+        if len(getattr(layer, "_inbound_nodes", ())) > 1:
+            problem = "it is called more than once"
+        else:
+            try:
+                shapes = [
+                    keras.tree.map_structure(lambda t: tuple(t.shape), tensors)
+                    for tensors in (layer.input, layer.output)
+                ]
+            except (AttributeError, ValueError) as error:
+                problem = str(error)
+        if problem:
+            raise ValueError(
+                "count_flops() expects a Sequential or functional model "
+                "whose layers each run once on a known input. Received: "
+                f"layer '{layer.name}' ({type(layer).__name__}) of "
+                f"model={model.name} ({type(model).__name__}): {problem}."
+            )
+        total += layer_flops(layer, *shapes)
+    return float(total)
+
+
+def _check_known(layer, shape):
+    if any(dim is None for dim in shape):
         raise ValueError(
-            "count_flops() expects a Sequential or functional model with a "
-            f"known input shape. Received: model={model.name} "
-            f"({type(model).__name__})."
-        ) from error
-    return float(sum(layer_flops(*io) for io in layers_io))
+            "count_flops() needs a fixed image size (build the model with "
+            "keras.Input((height, width, channels))). Received: layer "
+            f"'{layer.name}' ({type(layer).__name__}) with shape "
+            f"{(None, *shape)}."
+        )
 
 
 def decision_flops(in_channels, code_dim, hidden_units, groups):

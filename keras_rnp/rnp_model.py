@@ -23,7 +23,6 @@ from keras_rnp import validation
 from keras_rnp.layers.decision_network import DecisionNetwork
 from keras_rnp.trainer import RNPTrainer
 
-PENALTY_MODES = policy.PENALTY_MODES
 # Compiled run() functions, kept outside the models so that they are not
 # tracked (and saved) as part of them.
 _RUN_FUNCTIONS = weakref.WeakKeyDictionary()
@@ -119,7 +118,7 @@ class RNPModel(RNPTrainer, keras.Model):
         validation.check_backend()
         if isinstance(backbone, dict):
             backbone = keras.saving.deserialize_keras_object(backbone)
-        _check_arguments(locals())
+        validation.check_model_arguments(locals())
         self.backbone = backbone
         self.groups = int(groups)
         self.penalty = float(penalty)
@@ -471,34 +470,3 @@ _ARGUMENTS = (
     "alpha_momentum",
     "seed",
 )
-
-
-def _check_arguments(arguments):
-    """Checks RNPModel's constructor arguments (a `locals()` dict)."""
-    check_int, check_number = validation.check_int, validation.check_number
-    check_int("groups", arguments["groups"], minimum=1)
-    check_number("penalty", arguments["penalty"], minimum=0.0)
-    if arguments["penalty_mode"] not in PENALTY_MODES:
-        raise ValueError(
-            f"penalty_mode must be one of {PENALTY_MODES}. Received: "
-            f"penalty_mode={arguments['penalty_mode']!r}."
-        )
-    check_number("gamma", arguments["gamma"], minimum=0.0, maximum=1.0)
-    for name in ("epsilon_start", "epsilon_end"):
-        check_number(name, arguments[name], 0.0, 1.0)
-    check_int("epsilon_decay_steps", arguments["epsilon_decay_steps"], 0)
-    for name in ("backbone_epsilon", "distillation"):
-        check_number(name, arguments[name], 0.0, 1.0)
-    decision_steps = arguments["decision_steps"]
-    backbone_steps = arguments["backbone_steps"]
-    check_int("decision_steps", decision_steps, minimum=0)
-    check_int("backbone_steps", backbone_steps, minimum=0)
-    if decision_steps + backbone_steps == 0:
-        raise ValueError(
-            "decision_steps + backbone_steps must be at least 1. "
-            f"Received: decision_steps={decision_steps}, "
-            f"backbone_steps={backbone_steps}."
-        )
-    check_int("code_dim", arguments["code_dim"], minimum=1)
-    check_int("hidden_units", arguments["hidden_units"], minimum=1)
-    check_number("alpha_momentum", arguments["alpha_momentum"], 0.0, 1.0)

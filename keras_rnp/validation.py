@@ -7,6 +7,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_rnp import policy
+
 
 def check_backend():
     if keras.backend.backend() != "tensorflow":
@@ -108,3 +110,33 @@ def check_actions(actions, batch, num_layers, groups):
             f"from {actions.min()} to {actions.max()}."
         )
     return tf.constant(actions, tf.int32)
+
+
+def check_model_arguments(arguments):
+    """Checks RNPModel's constructor arguments (a `locals()` dict)."""
+    check_int("groups", arguments["groups"], minimum=1)
+    check_number("penalty", arguments["penalty"], minimum=0.0)
+    if arguments["penalty_mode"] not in policy.PENALTY_MODES:
+        raise ValueError(
+            f"penalty_mode must be one of {policy.PENALTY_MODES}. Received: "
+            f"penalty_mode={arguments['penalty_mode']!r}."
+        )
+    check_number("gamma", arguments["gamma"], minimum=0.0, maximum=1.0)
+    for name in ("epsilon_start", "epsilon_end"):
+        check_number(name, arguments[name], 0.0, 1.0)
+    check_int("epsilon_decay_steps", arguments["epsilon_decay_steps"], 0)
+    for name in ("backbone_epsilon", "distillation"):
+        check_number(name, arguments[name], 0.0, 1.0)
+    decision_steps = arguments["decision_steps"]
+    backbone_steps = arguments["backbone_steps"]
+    check_int("decision_steps", decision_steps, minimum=0)
+    check_int("backbone_steps", backbone_steps, minimum=0)
+    if decision_steps + backbone_steps == 0:
+        raise ValueError(
+            "decision_steps + backbone_steps must be at least 1. "
+            f"Received: decision_steps={decision_steps}, "
+            f"backbone_steps={backbone_steps}."
+        )
+    check_int("code_dim", arguments["code_dim"], minimum=1)
+    check_int("hidden_units", arguments["hidden_units"], minimum=1)
+    check_number("alpha_momentum", arguments["alpha_momentum"], 0.0, 1.0)

@@ -97,3 +97,71 @@ def test_flatten_head_counts_only_kept_channels():
     dense_half = 2 * 36 * 8 * 3 / 2
     assert flops == pytest.approx(conv0 + conv1_half + dense_half + 2 * 3 * 2)
     assert rnp.full_flops == keras_rnp.count_flops(model)
+
+
+def test_count_flops_of_branching_model_matches_hand_count():
+    # A residual block with a projection shortcut, a concatenation, zero
+    # padding, a transposed convolution and batch norm.
+    inputs = keras.Input((8, 8, 4))
+    x = L.ZeroPadding2D(1)(inputs)  # 10x10x4
+    x = L.Conv2D(8, 3, name="stem")(x)  # 8x8x8
+    x = L.BatchNormalization()(x)
+    y = L.Conv2D(8, 3, padding="same", name="inner")(x)
+    y = L.DepthwiseConv2D(3, padding="same", name="depthwise")(y)
+    shortcut = L.Conv2D(8, 1, name="shortcut")(x)
+    x = L.ReLU()(L.Add()([y, shortcut]))
+    x = L.Concatenate()([x, x])  # 8x8x16
+    x = L.Conv2DTranspose(2, 3, strides=2, padding="same", name="up")(x)
+    x = L.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, L.Dense(3)(x))
+    stem = 2 * 64 * 9 * 4 * 8
+    inner = 2 * 64 * 9 * 8 * 8
+    depthwise = 2 * 64 * 9 * 8
+    shortcut = 2 * 64 * 8 * 8
+    up = 2 * 64 * 9 * 16 * 2  # every input position, the whole kernel
+    dense = 2 * 2 * 3
+    assert keras_rnp.count_flops(model) == (
+        stem + inner + depthwise + shortcut + up + dense
+    )
+
+
+def test_count_flops_of_resnet50_is_the_sum_of_its_convs_and_dense():
+    model = keras.applications.ResNet50(
+        weights=None, input_shape=(64, 64, 3), classes=10
+    )
+    expected = 0
+    for layer in model.layers:
+        if isinstance(layer, L.Conv2D):
+            h, w, c_out = layer.output.shape[1:]
+            kh, kw = layer.kernel_size
+            expected += 2 * h * w * kh * kw * layer.input.shape[-1] * c_out
+        elif isinstance(layer, L.Dense):
+            expected += 2 * layer.input.shape[-1] * layer.units
+    assert keras_rnp.count_flops(model) == expected
+    assert expected > 3e8  # 53 convolutions at 64x64: not a trivial sum.
+
+
+def test_count_flops_counts_nested_models():
+    inner = keras.Sequential([keras.Input((6, 6, 2)), L.Conv2D(4, 3)])
+    outer = keras.Sequential(
+        [keras.Input((6, 6, 2)), inner, L.Flatten(), L.Dense(2)]
+    )
+    assert keras_rnp.count_flops(outer) == 2 * 16 * 9 * 2 * 4 + 2 * 64 * 2
+
+
+def test_count_flops_refuses_what_it_cannot_count_naming_the_layer():
+    recurrent = keras.Sequential(
+        [keras.Input((5, 3)), L.LSTM(4, name="lstm"), L.Dense(2)]
+    )
+    with pytest.raises(ValueError, match="layer 'lstm' \\(LSTM\\)"):
+        keras_rnp.count_flops(recurrent)
+    open_size = keras.Sequential(
+        [keras.Input((None, None, 3)), L.Conv2D(4, 3, name="conv")]
+    )
+    with pytest.raises(ValueError, match="fixed image size.*'conv'"):
+        keras_rnp.count_flops(open_size)
+    shared = L.Dense(3, name="shared")
+    inputs = keras.Input((3,))
+    twice = keras.Model(inputs, shared(shared(inputs)))
+    with pytest.raises(ValueError, match="each run once.*'shared'"):
+        keras_rnp.count_flops(twice)
