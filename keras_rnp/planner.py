@@ -64,20 +64,19 @@ _KNOWN_LAYERS = (
     + HEAD_LAYERS
 )
 SUPPORTED = (
-    "Conv2D (channels_last, groups=1), BatchNormalization, Activation, ReLU, "
-    "LeakyReLU, ELU, MaxPooling2D, AveragePooling2D, Dropout, "
-    "SpatialDropout2D, Rescaling and Normalization at the input, then "
-    "GlobalAveragePooling2D, GlobalMaxPooling2D or Flatten, then Dense "
-    "layers"
+    "Supported: a chain of Conv2D and channel-wise layers (batch norm, "
+    "activations, pooling, dropout), then Flatten or global pooling and "
+    'Dense layers; see "What wrap() accepts" in the README.'
 )
 # Activations that mix channels: not allowed on a feature map.
 _CHANNEL_MIXING_ACTIVATIONS = ("softmax", "log_softmax")
 
 
-def _refuse(layer, why):
+def _refuse(layer, why, next_step=SUPPORTED):
+    """Raises the one-line refusal: the layer, why, and what to do."""
     raise ValueError(
         f"keras_rnp.wrap() cannot handle layer '{layer.name}' "
-        f"({type(layer).__name__}): {why}. Supported: {SUPPORTED}."
+        f"({type(layer).__name__}): {why}. {next_step}"
     )
 
 
@@ -133,6 +132,15 @@ def chain_layers(model):
             _refuse(layer, "nested models are not supported; flatten it")
     if isinstance(model, keras.Sequential):
         return layers  # A Sequential model is a chain by construction.
+    for layer in layers:
+        if isinstance(layer.input, (list, tuple)):
+            _refuse(
+                layer,
+                "it merges branches (a residual or concatenating network); "
+                "only a chain of layers, each feeding the next, is supported",
+                'Wrap a chain network (see "What wrap() accepts" in the '
+                "README); keras_rnp.count_flops() still counts this model.",
+            )
     previous = model.inputs[0]
     for layer in layers:
         layer_input = layer.input
@@ -349,9 +357,12 @@ def _check_conv(layer, groups, gated_conv):
     if activation_name(layer) in _CHANNEL_MIXING_ACTIVATIONS:
         _refuse(layer, "a softmax activation on a feature map mixes channels")
     if gated_conv and layer.filters % groups:
+        divisors = [g for g in range(2, 9) if layer.filters % g == 0]
         _refuse(
             layer,
             f"its {layer.filters} filters are not divisible by groups={groups}",
+            "Pass a groups that divides every gated convolution's filters"
+            + (f" (this one: {divisors})." if divisors else "."),
         )
 
 

@@ -115,7 +115,7 @@ def residual_model():
                 L.GlobalAveragePooling2D(),
                 L.Dense(2),
             ),
-            "'dw' \\(DepthwiseConv2D\\).*only Conv2D.*Supported: Conv2D",
+            "'dw' \\(DepthwiseConv2D\\).*only Conv2D.*Supported: a chain",
         ),
         (
             lambda: chain(
@@ -167,8 +167,8 @@ def residual_model():
             ),
             "needs at least one Conv2D to gate",
         ),
-        (branching_model, "'right' \\(Conv2D\\).*branches or merges"),
-        (residual_model, "'merge' \\(Add\\).*branches or merges"),
+        (branching_model, "'merge' \\(Add\\).*merges branches"),
+        (residual_model, "'merge' \\(Add\\).*merges branches"),
         (
             lambda: chain(L.Dense(4), L.Dense(2), input_shape=(5,)),
             "4D input .*Received: input shape \\(None, 5\\)",
@@ -243,3 +243,39 @@ def test_wrapping_an_rnp_model_is_refused():
 def test_bad_arguments_are_refused(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         keras_rnp.wrap(small_cnn(), **kwargs)
+
+
+def test_refusals_name_the_merge_layer_and_say_what_to_do():
+    resnet = keras.applications.ResNet50(
+        weights=None, input_shape=(32, 32, 3), classes=10
+    )
+    with pytest.raises(ValueError) as error:
+        keras_rnp.wrap(resnet)
+    message = str(error.value)
+    assert "'conv2_block1_add' (Add): it merges branches" in message
+    assert "README" in message and "\n" not in message
+    inputs = keras.Input((8, 8, 3))
+    a = L.Conv2D(4, 3, padding="same")(inputs)
+    b = L.Conv2D(4, 3, padding="same")(a)
+    x = L.Concatenate(name="concat")([a, b])
+    x = L.GlobalAveragePooling2D()(x)
+    dense_net = keras.Model(inputs, L.Dense(2)(x))
+    with pytest.raises(ValueError, match="'concat' \\(Concatenate\\)"):
+        keras_rnp.wrap(dense_net)
+
+
+def test_filters_refusal_suggests_groups_instead_of_the_layer_list():
+    model = chain(
+        L.Conv2D(8, 3),
+        L.Conv2D(6, 3, name="odd"),
+        L.GlobalAveragePooling2D(),
+        L.Dense(2),
+    )
+    with pytest.raises(ValueError) as error:
+        keras_rnp.wrap(model, groups=4)
+    message = str(error.value)
+    assert (
+        "divides every gated convolution's filters (this one: [2, 3, 6])"
+        in (message)
+    )
+    assert "Supported" not in message
