@@ -374,6 +374,24 @@ class RNPModel(RNPTrainer, keras.Model):
             "q_values": q_values,
         }
 
+    def set_weights(self, weights):
+        """Sets the weights as `get_weights()` lists them, keeping the
+        training progress.
+
+        The step counters (so Algorithm 1's phase and the epsilon
+        schedule's position) and the running loss mean keep their current
+        values: restoring earlier network weights, as
+        `keras.callbacks.EarlyStopping(restore_best_weights=True)` does,
+        must not move training backwards. Checkpoints (`save`,
+        `load_weights`, `BackupAndRestore`) restore them with the rest.
+        """
+        progress = [self.step_counter, self.decision_step_counter]
+        progress.append(self.loss_ema)
+        values = [variable.numpy() for variable in progress]
+        super().set_weights(weights)
+        for variable, value in zip(progress, values, strict=True):
+            variable.assign(value)
+
     def export(self, filepath, format="tf_saved_model", **kwargs):
         """Not supported: use `keras_rnp.export_saved_model` or
         `keras_rnp.export_onnx`.

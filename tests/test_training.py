@@ -311,3 +311,30 @@ def test_fit_warns_when_a_phase_never_runs():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         rnp.fit(x, y, batch_size=8, epochs=1, verbose=0)
+
+
+def test_restoring_best_weights_keeps_the_training_progress():
+    x, y = data(16)
+    rnp = keras_rnp.wrap(
+        small_cnn(), groups=4, decision_steps=1, backbone_steps=1, seed=0
+    )
+    rnp.compile(optimizer=keras.optimizers.SGD(0.1))
+    # mode="max" on the loss: epoch 1 is "best", so training stops after
+    # epoch 2 and restores epoch 1's weights.
+    stop = keras.callbacks.EarlyStopping(
+        monitor="loss", mode="max", patience=1, restore_best_weights=True
+    )
+    rnp.fit(x, y, batch_size=8, epochs=5, callbacks=[stop], verbose=0)
+    assert stop.stopped_epoch == 1
+    # 2 epochs of 2 steps: the counters are those of 4 steps, not 2.
+    assert int(rnp.step_counter.numpy()) == 4
+    assert int(rnp.decision_step_counter.numpy()) == 2
+    best = stop.best_weights
+    restored = rnp.get_weights()
+    progress = {
+        id(v)
+        for v in (rnp.step_counter, rnp.decision_step_counter, rnp.loss_ema)
+    }
+    for variable, b, r in zip(rnp.weights, best, restored, strict=True):
+        if id(variable) not in progress:
+            np.testing.assert_array_equal(b, r)
