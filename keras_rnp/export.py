@@ -15,6 +15,8 @@ from keras_rnp import execution
 from keras_rnp.io_utils import atomic_path
 from keras_rnp.rnp_model import RNPModel
 
+_TINY = 1e-30
+
 
 def _check_model(rnp):
     if not isinstance(rnp, RNPModel):
@@ -62,7 +64,14 @@ def _signatures(rnp, mode=execution.SLICED):
             logits, taken, flops = execution.unless_empty(images, run, empty)
         else:
             logits, taken, flops = run()
-        probabilities = logits if ends_in_softmax else tf.nn.softmax(logits)
+        if ends_in_softmax:
+            # The backbone outputs probabilities; their logarithm is a set
+            # of logits for them (softmax(log p) = p), floored where p
+            # underflows to 0.
+            probabilities = logits
+            logits = tf.math.log(tf.maximum(probabilities, _TINY))
+        else:
+            probabilities = tf.nn.softmax(logits)
         return {
             "logits": tf.identity(logits, name="logits"),
             "probabilities": tf.identity(probabilities, name="probabilities"),
@@ -136,9 +145,11 @@ def export_saved_model(rnp, path, version=1, overwrite=False):
     the signatures:
 
     - `serving_default`: input `images` float32 `[None, H, W, C]`; outputs
-      `logits` (what the backbone outputs), `probabilities` (softmax of the
-      logits, or the backbone's own softmax output), `actions` int32
-      `[B, L]` and `flops` float32 `[B]`.
+      `logits` (what the backbone outputs; for a backbone that ends in a
+      softmax, the log of its probabilities, floored at 1e-30: logits whose
+      softmax is its output), `probabilities` (softmax of the logits, or
+      the backbone's own softmax output), `actions` int32 `[B, L]` and
+      `flops` float32 `[B]`.
     - `serving_budget`: the same, with a second input `budget` float32
       `[B]` (or `[1]` for the whole batch) that moves the trade-off at run
       time (see `RNPModel.run`).

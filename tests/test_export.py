@@ -193,9 +193,16 @@ def test_flatten_head_and_softmax_output_export(tmp_path):
     out = tf.saved_model.load(path).signatures["serving_default"](
         images=tf.constant(x)
     )
-    # The backbone ends in a softmax: probabilities are its output.
-    np.testing.assert_allclose(out["probabilities"], out["logits"])
-    np.testing.assert_allclose(out["logits"], rnp.run(x)["logits"], atol=1e-5)
+    # The backbone ends in a softmax: probabilities are its output, and
+    # logits are their log (not the probabilities again).
+    probabilities = rnp.run(x)["logits"]
+    np.testing.assert_allclose(out["probabilities"], probabilities, atol=1e-5)
+    np.testing.assert_allclose(
+        out["logits"], np.log(probabilities), rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        tf.nn.softmax(out["logits"]), out["probabilities"], atol=1e-6
+    )
     masked, _, _ = rnp.forward(tf.constant(x), actions=tf.constant(actions))
     np.testing.assert_allclose(
         rnp.run(x, actions=actions)["logits"], masked, atol=1e-5
