@@ -45,16 +45,16 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_rnp  # noqa: E402
+from keras_rnp import backbones  # noqa: E402
 from keras_rnp import datasets  # noqa: E402
+from keras_rnp import evaluation  # noqa: E402
 from keras_rnp import io_utils  # noqa: E402
+from keras_rnp.policy import epsilon_decay_steps_for  # noqa: E402
+from keras_rnp.q_learning import phase_counts  # noqa: E402
 from keras_rnp.static_pruning import l1_prune_to_flops  # noqa: E402
 from keras_rnp.static_pruning import sort_filters  # noqa: E402
 
 STEPS = ("backbone", "rnp", "static", "evaluate", "plots")
-# Per-channel mean and standard deviation of the CIFAR-10 training images
-# (0-255), used by the backbone's input Normalization layer.
-CIFAR_MEAN = (125.3, 123.0, 113.9)
-CIFAR_STD = (63.0, 62.1, 66.7)
 
 FLAGS = flags.FLAGS
 
@@ -225,31 +225,6 @@ def data(config, split, training=False):
     )
 
 
-def build_backbone(classes=10, widths=(64, 128, 256, 512)):
-    """The 4-convolution network: input normalization, then four blocks of
-    3x3 conv (no bias) - batch norm - ReLU - 2x2 max pooling, then global
-    average pooling and a linear classifier. Takes 32x32x3 images in
-    [0, 255]."""
-    layers = keras.layers
-    model = keras.Sequential(
-        [
-            keras.Input((32, 32, 3)),
-            layers.Normalization(
-                mean=CIFAR_MEAN, variance=np.square(CIFAR_STD).tolist()
-            ),
-        ],
-        name="cnn4",
-    )
-    for width in widths:
-        model.add(layers.Conv2D(width, 3, padding="same", use_bias=False))
-        model.add(layers.BatchNormalization())
-        model.add(layers.ReLU())
-        model.add(layers.MaxPooling2D())
-    model.add(layers.GlobalAveragePooling2D())
-    model.add(layers.Dense(classes))
-    return model
-
-
 def _loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -261,11 +236,6 @@ def _callbacks(config, name):
     ]
 
 
-def _save(model, path):
-    with io_utils.atomic_path(path) as staging:
-        model.save(staging)
-
-
 def train_backbone(config):
     """Step 1: trains the full network; saves `backbone.keras`."""
     if config.done("backbone.keras"):
@@ -274,7 +244,7 @@ def train_backbone(config):
     val, _ = data(config, "validation")
     steps = config.backbone_epochs * int(train.cardinality())
     with config.strategy().scope():
-        model = build_backbone(classes, config.widths)
+        model = backbones.cifar_cnn(classes, config.widths)
         model.compile(
             optimizer=keras.optimizers.SGD(
                 keras.optimizers.schedules.CosineDecay(
@@ -294,7 +264,7 @@ def train_backbone(config):
         callbacks=_callbacks(config, "backbone"),
         verbose=config.verbose,
     )
-    _save(model, config.path("backbone.keras"))
+    io_utils.save_model(model, config.path("backbone.keras"))
     return model
 
 
@@ -307,12 +277,17 @@ def _steps_per_epoch(config):
     return config._steps_per_epoch
 
 
+def _rnp_steps(config):
+    """Training steps of Algorithm 1 (both phases)."""
+    return config.rnp_epochs * _steps_per_epoch(config)
+
+
 def _rnp_updates(config):
     """Backbone updates of Algorithm 1 (its N2 share of the steps)."""
-    total = config.rnp_epochs * _steps_per_epoch(config)
-    n1, n2 = config.decision_steps, config.backbone_steps
-    rounds, rest = divmod(total, n1 + n2)
-    return max(1, rounds * n2 + max(0, rest - n1))
+    _, backbone_updates = phase_counts(
+        _rnp_steps(config), config.decision_steps, config.backbone_steps
+    )
+    return max(1, backbone_updates)
 
 
 def _backbone_updates(config):
@@ -332,19 +307,9 @@ def _finetune_optimizer(config, steps):
 
 
 def _load(path, what):
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"Expected the {what} at {path}: run the step that makes it "
-            "first (see --steps)."
-        )
-    try:
-        return keras.saving.load_model(path)
-    except Exception as error:  # Keras raises many types for a bad file.
-        reason = (str(error).strip().splitlines() or [""])[0]
-        raise ValueError(
-            f"Cannot load the {what} from {path} (a corrupt or foreign "
-            f"file?): {type(error).__name__}: {reason}"
-        ) from error
+    return io_utils.load_model(
+        path, what, hint="run the step that makes it first (see --steps)"
+    )
 
 
 def rnp_name(penalty):
@@ -387,7 +352,7 @@ def _rnp_backbone(config, train):
         verbose=config.verbose,
     )
     backbone = keras_rnp.strip(rnp)
-    _save(backbone, config.path("warmup.keras"))
+    io_utils.save_model(backbone, config.path("warmup.keras"))
     return backbone
 
 
@@ -403,12 +368,6 @@ def train_rnp(config):
         return
     train, _ = data(config, "train", training=True)
     val, _ = data(config, "validation")
-    decision_updates = (
-        config.rnp_epochs
-        * _steps_per_epoch(config)
-        * config.decision_steps
-        // (config.decision_steps + config.backbone_steps)
-    )
     backbone = _rnp_backbone(config, train)
     for penalty in todo:
         name = rnp_name(penalty)
@@ -426,7 +385,11 @@ def train_rnp(config):
                 decision_steps=config.decision_steps,
                 backbone_steps=config.backbone_steps,
                 # Explore widely over the first third of the decision steps.
-                epsilon_decay_steps=max(1, decision_updates // 3),
+                epsilon_decay_steps=epsilon_decay_steps_for(
+                    _rnp_steps(config),
+                    config.decision_steps,
+                    config.backbone_steps,
+                ),
                 seed=config.seed,
             )
             rnp.compile(
@@ -485,19 +448,15 @@ def train_static(config):
             callbacks=_callbacks(config, name),
             verbose=config.verbose,
         )
-        _save(model, config.path(f"{name}.keras"))
+        io_utils.save_model(model, config.path(f"{name}.keras"))
 
 
-def _per_image_losses(model, test):
+def _predict(model, test):
     """Per-image losses, labels and predicted classes, in one pass."""
     losses, labels, predictions = [], [], []
     for images, batch_labels in test:
         logits = model(images, training=False)
-        losses.append(
-            keras.losses.sparse_categorical_crossentropy(
-                batch_labels, logits, from_logits=True
-            ).numpy()
-        )
+        losses.append(evaluation.per_image_losses(batch_labels, logits))
         labels.append(batch_labels.numpy())
         predictions.append(np.argmax(logits, axis=-1))
     return tuple(np.concatenate(x) for x in (losses, labels, predictions))
@@ -511,7 +470,7 @@ def evaluate(config):
     test, _ = data(config, "test")
     backbone = _load(config.path("backbone.keras"), "trained backbone")
     full_flops = keras_rnp.count_flops(backbone)
-    losses, labels, predictions = _per_image_losses(backbone, test)
+    losses, labels, predictions = _predict(backbone, test)
     backbone_accuracy = float(np.mean(predictions == labels))
     results = {
         "config": {
@@ -567,60 +526,13 @@ def evaluate(config):
                 "flops_ratio": flops / full_flops,
             }
         )
-    results["comparison"] = compare(results)
+    results["comparison"] = evaluation.compare(results)
     print(format_results(results))
     io_utils.write_json(config.path("results.json"), results)
     with io_utils.atomic_path(config.path("per_image.npz")) as staging:
         with open(staging, "wb") as f:
             np.savez(f, **per_image)
     return results
-
-
-def interpolate_accuracy(rows, flops_ratio):
-    """Accuracy at `flops_ratio`, linear between the two measured rows
-    around it (rows with `flops_ratio` and `accuracy`); None outside."""
-    points = sorted((r["flops_ratio"], r["accuracy"]) for r in rows)
-    ratios = [ratio for ratio, _ in points]
-    if not points or not ratios[0] <= flops_ratio <= ratios[-1]:
-        return None
-    return float(np.interp(flops_ratio, ratios, [a for _, a in points]))
-
-
-def compare(results):
-    """RNP against the full network and against static pruning.
-
-    `within_1_point`: the largest FLOPs reduction among the measured RNP
-    rows (trained penalties and the sweep) that lose at most one point
-    against the full network. `static`: for each static model, the accuracy
-    of the budget sweep at the same FLOPs (interpolated between the two
-    sweep rows around it; None if the sweep does not reach it) minus the
-    static model's."""
-    full = results["full"]["accuracy"]
-    rows = results["rnp"] + results["sweep"]
-    close = [r for r in rows if r["accuracy"] >= full - 0.01]
-    best = max(close, key=lambda r: 1 / r["flops_ratio"], default=None)
-    comparison = {
-        "within_1_point": None
-        if best is None
-        else {
-            "penalty": best["penalty"],
-            "budget": best["budget"],
-            "speedup": 1 / best["flops_ratio"],
-            "accuracy": best["accuracy"],
-        },
-        "static": [],
-    }
-    for row in results["static"]:
-        rnp = interpolate_accuracy(results["sweep"], row["flops_ratio"])
-        comparison["static"].append(
-            {
-                "speedup": row["speedup"],
-                "static_accuracy": row["accuracy"],
-                "rnp_accuracy": rnp,
-                "difference": None if rnp is None else rnp - row["accuracy"],
-            }
-        )
-    return comparison
 
 
 def format_results(results):
