@@ -29,6 +29,7 @@ Models already trained in `--work_dir` are reused, not retrained (pass
 `--fresh` to retrain them). TensorBoard logs: `--work_dir/logs`.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -59,134 +60,119 @@ STEPS = ("backbone", "rnp", "static", "evaluate", "plots")
 FLAGS = flags.FLAGS
 
 
-def define_flags():
-    """The script's flags (defined when it runs, not when it is imported:
-    the tests import both examples)."""
-    flags.DEFINE_string("dataset", "cifar10", "tfds dataset name.")
-    flags.DEFINE_string(
-        "data_dir",
+def setting(default, help_text, flag=None, item=None, minimum=None, **options):
+    """A `Config` field that is also a command-line flag.
+
+    Args:
+        default: the default value; its type picks the flag's (bool,
+            int, float, str or None: string; a tuple: a comma-separated
+            list of `item`).
+        help_text: the flag's help text.
+        flag: the flag's name, when it is not the field's.
+        item: the type of a list's elements (int, float or str).
+        minimum: the smallest number a list accepts.
+        **options: for the flag definition: `enum_values` (a string flag
+            with fixed choices), `lower_bound`, `choices` (a list's allowed
+            elements).
+    """
+    metadata = dict(help=help_text, flag=flag, item=item, minimum=minimum)
+    return dataclasses.field(default=default, metadata={**metadata, **options})
+
+
+@dataclasses.dataclass(eq=False)
+class Config:
+    """Every setting of a run. Each field is also a flag (see `setting`)."""
+
+    dataset: str = setting("cifar10", "tfds dataset name.")
+    data_dir: str | None = setting(
         None,
         "An ImageFolder directory (data_dir/{train,test}/<class>/<image>), or "
         "tfds' data directory. Default: tfds' default directory.",
     )
-    flags.DEFINE_string("work_dir", "runs/cifar10", "Models, logs, results.")
-    flags.DEFINE_list("steps", list(STEPS), f"Steps to run, from {STEPS}.")
-    flags.DEFINE_list("widths", ["64", "128", "256", "512"], "Conv widths.")
-    flags.DEFINE_integer("backbone_epochs", 30, "Epochs of backbone training.")
-    flags.DEFINE_float("backbone_lr", 0.1, "Peak SGD learning rate.")
-    flags.DEFINE_float(
-        "weight_decay",
+    work_dir: str = setting("runs/cifar10", "Models, logs, results.")
+    widths: tuple = setting(
+        (64, 128, 256, 512), "Conv widths.", item=int, minimum=1
+    )
+    backbone_epochs: int = setting(30, "Epochs of backbone training.")
+    backbone_lr: float = setting(0.1, "Peak SGD learning rate.")
+    weight_decay: float = setting(
         5e-3,
         "SGD weight decay, Keras' decoupled kind (w -= lr * wd * w each "
         "step): 5e-3 is about the usual coupled L2 of 5e-4 at momentum 0.9.",
     )
-    flags.DEFINE_integer("rnp_epochs", 10, "Epochs of RNP training.")
-    flags.DEFINE_list(
-        "penalties", ["0.07", "0.04"], "RNP penalties (one model each)."
+    rnp_epochs: int = setting(10, "Epochs of RNP training.")
+    penalties: tuple = setting(
+        (0.07, 0.04),
+        "RNP penalties (one model each).",
+        item=float,
+        minimum=0.0,
     )
-    flags.DEFINE_enum(
-        "penalty_mode", "flops", ["flat", "flops"], "See keras_rnp.wrap."
+    penalty_mode: str = setting(
+        "flops", "See keras_rnp.wrap.", enum_values=["flat", "flops"]
     )
-    flags.DEFINE_integer("groups", 4, "Channel groups per gated convolution.")
-    flags.DEFINE_bool(
-        "gate_first",
+    groups: int = setting(4, "Channel groups per gated convolution.")
+    gate_first: bool = setting(
         True,
         "Also gate the first convolution: narrowing it narrows the second "
         "one's input, so 4x fewer FLOPs does not force one group there.",
     )
-    flags.DEFINE_integer("decision_steps", 20, "N1: decision steps per round.")
-    flags.DEFINE_integer("backbone_steps", 10, "N2: backbone steps per round.")
-    flags.DEFINE_float("backbone_epsilon", 0.2, "Exploration in fine-tuning.")
-    flags.DEFINE_float(
-        "distillation",
+    decision_steps: int = setting(20, "N1: decision steps per round.")
+    backbone_steps: int = setting(10, "N2: backbone steps per round.")
+    backbone_epsilon: float = setting(0.2, "Exploration in fine-tuning.")
+    distillation: float = setting(
         0.0,
         "In-place distillation weight in [0, 1] for the warm-up and RNP's "
         "fine-tuning steps: the paths taken learn from the full network's "
         "predictions (see keras_rnp.wrap), at about twice the cost per step.",
     )
-    flags.DEFINE_integer(
-        "warmup_epochs",
+    sort_filters: bool = setting(
+        True,
+        "Order each convolution's filters by L1 norm before wrapping, so "
+        "RNP's first groups are the filters static pruning would keep.",
+    )
+    warmup_epochs: int = setting(
         4,
         "Epochs of fine-tuning the wrapped backbone under random actions "
         "(every width trained) before Algorithm 1; done once for all "
         "penalties. Static pruning fine-tunes as many more steps.",
         lower_bound=0,
     )
-    flags.DEFINE_bool(
-        "sort_filters",
-        True,
-        "Order each convolution's filters by L1 norm before wrapping, so "
-        "RNP's first groups are the filters static pruning would keep.",
+    finetune_lr: float = setting(0.01, "SGD learning rate of fine-tuning.")
+    static_speedups: tuple = setting(
+        (2.0, 3.0, 4.0, 6.0, 8.0), "Static pruning.", item=float, minimum=1.0
     )
-    flags.DEFINE_float("finetune_lr", 0.01, "SGD learning rate of fine-tuning.")
-    flags.DEFINE_list(
-        "static_speedups", ["2", "3", "4", "6", "8"], "Static pruning."
-    )
-    flags.DEFINE_bool(
-        "static_prune_first",
+    static_prune_first: bool = setting(
         True,
         "Static pruning also prunes the first convolution, with the keep "
         "fraction of the others (--nostatic_prune_first keeps it whole: "
         "a weaker baseline, 1.1 points lower at 4x on CIFAR-10).",
     )
-    flags.DEFINE_list(
-        "budgets",
-        ["0", "0.025", "0.05", "0.075", "0.1", "0.15", "0.2", "0.3"],
+    budgets: tuple = setting(
+        (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3),
         "Budgets of the sweep (of the first penalty's model).",
+        item=float,
+        minimum=0.0,
     )
-    flags.DEFINE_integer("batch_size", 128, "Batch size.")
-    flags.DEFINE_integer("limit", 0, "Use only this many images per split.")
-    flags.DEFINE_integer("seed", 0, "Random seed.")
-    flags.DEFINE_integer("verbose", 2, "Keras fit verbosity (0, 1 or 2).")
-    flags.DEFINE_bool("fresh", False, "Retrain models already in --work_dir.")
-    flags.DEFINE_enum(
-        "strategy",
+    batch_size: int = setting(128, "Batch size.")
+    limit: int = setting(0, "Use only this many images per split.")
+    seed: int = setting(0, "Random seed.")
+    verbose: int = setting(2, "Keras fit verbosity (0, 1 or 2).")
+    fresh: bool = setting(False, "Retrain models already in --work_dir.")
+    distribution: str = setting(
         "default",
-        ["default", "mirrored", "multi_worker"],
         "tf.distribute strategy: one device, the local devices, or the "
         "workers named in TF_CONFIG.",
+        flag="strategy",
+        enum_values=["default", "mirrored", "multi_worker"],
     )
-    flags.DEFINE_bool("traceback", False, "Show the full trace of an error.")
-
-
-class Config:
-    """Every setting of a run (the flags, as plain values)."""
-
-    def __init__(self, **kwargs):
-        self.dataset = "cifar10"
-        self.data_dir = None
-        self.work_dir = "runs/cifar10"
-        self.widths = (64, 128, 256, 512)
-        self.backbone_epochs = 30
-        self.backbone_lr = 0.1
-        self.weight_decay = 5e-3
-        self.rnp_epochs = 10
-        self.penalties = (0.07, 0.04)
-        self.penalty_mode = "flops"
-        self.groups = 4
-        self.gate_first = True
-        self.decision_steps = 20
-        self.backbone_steps = 10
-        self.backbone_epsilon = 0.2
-        self.distillation = 0.0
-        self.sort_filters = True
-        self.warmup_epochs = 4
-        self.finetune_lr = 0.01
-        self.static_speedups = (2.0, 3.0, 4.0, 6.0, 8.0)
-        self.static_prune_first = True
-        self.budgets = (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3)
-        self.batch_size = 128
-        self.limit = 0
-        self.seed = 0
-        self.verbose = 2
-        self.fresh = False
-        self.distribution = "default"
-        self._strategy = None
-        self._steps_per_epoch = None
-        for key, value in kwargs.items():
-            if not hasattr(self, key):
-                raise TypeError(f"Unknown setting {key!r}.")
-            setattr(self, key, value)
+    steps: tuple = setting(
+        STEPS, f"Steps to run, from {STEPS}.", item=str, choices=STEPS
+    )
+    # Created when first needed (see `strategy` and `_steps_per_epoch`).
+    _strategy: object = dataclasses.field(default=None, init=False, repr=False)
+    _steps_per_epoch: int | None = dataclasses.field(
+        default=None, init=False, repr=False
+    )
 
     def path(self, *names):
         return os.path.join(self.work_dir, *names)
@@ -208,6 +194,77 @@ class Config:
             print(f"{path} exists: reusing it (--fresh retrains).")
             return True
         return False
+
+
+def _settings():
+    """The fields of `Config` that are flags."""
+    return [f for f in dataclasses.fields(Config) if "help" in f.metadata]
+
+
+def define_flags():
+    """Defines a flag per `Config` setting, and --traceback.
+
+    Called when the script runs, not when it is imported: the tests import
+    both examples, whose flags share names.
+    """
+    for field in _settings():
+        meta, default = field.metadata, field.default
+        name = meta["flag"] or field.name
+        if meta["item"] is not None:
+            text = [v if isinstance(v, str) else f"{v:g}" for v in default]
+            flags.DEFINE_list(name, text, meta["help"])
+        elif "enum_values" in meta:
+            flags.DEFINE_enum(name, default, meta["enum_values"], meta["help"])
+        elif isinstance(default, bool):
+            flags.DEFINE_bool(name, default, meta["help"])
+        elif isinstance(default, int):
+            flags.DEFINE_integer(
+                name, default, meta["help"], lower_bound=meta.get("lower_bound")
+            )
+        elif isinstance(default, float):
+            flags.DEFINE_float(name, default, meta["help"])
+        else:
+            flags.DEFINE_string(name, default, meta["help"])
+    flags.DEFINE_bool("traceback", False, "Show the full trace of an error.")
+
+
+def _list_setting(name, values, item, minimum=None, choices=None):
+    """The parsed elements of the list flag --name."""
+    if choices is not None:
+        values = [v.strip() for v in values]
+        unknown = [v for v in values if v not in choices]
+        if unknown:
+            raise app.UsageError(
+                f"--{name} expects names from {choices}. Received: {unknown}"
+            )
+        return tuple(values)
+    try:
+        numbers = tuple(item(v) for v in values)
+    except ValueError:
+        raise app.UsageError(
+            f"--{name} expects a list of {item.__name__}s. Received: "
+            f"{','.join(values)}"
+        ) from None
+    if minimum is not None and any(n < minimum for n in numbers):
+        raise app.UsageError(
+            f"--{name} expects values >= {minimum}. Received: {numbers}"
+        )
+    return numbers
+
+
+def config_from_flags():
+    """The `Config` of the parsed flags (lists parsed and checked)."""
+    values = {}
+    for field in _settings():
+        meta = field.metadata
+        name = meta["flag"] or field.name
+        value = FLAGS[name].value
+        if meta["item"] is not None:
+            value = _list_setting(
+                name, value, meta["item"], meta["minimum"], meta.get("choices")
+            )
+        values[field.name] = value
+    return Config(**values)
 
 
 def data(config, split, training=False):
@@ -692,63 +749,10 @@ def run(config):
     return results
 
 
-def _numbers(name, values, kind=float, minimum=None):
-    try:
-        numbers = tuple(kind(v) for v in values)
-    except ValueError:
-        raise app.UsageError(
-            f"--{name} expects a list of {kind.__name__}s. Received: "
-            f"{','.join(values)}"
-        ) from None
-    if minimum is not None and any(n < minimum for n in numbers):
-        raise app.UsageError(
-            f"--{name} expects values >= {minimum}. Received: {numbers}"
-        )
-    return numbers
-
-
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # tfds logs every split it reads.
-    steps = [s.strip() for s in FLAGS.steps]
-    unknown = [s for s in steps if s not in STEPS]
-    if unknown:
-        raise app.UsageError(
-            f"--steps expects names from {STEPS}. Received: {unknown}"
-        )
-    config = Config(
-        dataset=FLAGS.dataset,
-        data_dir=FLAGS.data_dir,
-        work_dir=FLAGS.work_dir,
-        widths=_numbers("widths", FLAGS.widths, int, 1),
-        backbone_epochs=FLAGS.backbone_epochs,
-        backbone_lr=FLAGS.backbone_lr,
-        weight_decay=FLAGS.weight_decay,
-        rnp_epochs=FLAGS.rnp_epochs,
-        penalties=_numbers("penalties", FLAGS.penalties, float, 0.0),
-        penalty_mode=FLAGS.penalty_mode,
-        groups=FLAGS.groups,
-        gate_first=FLAGS.gate_first,
-        decision_steps=FLAGS.decision_steps,
-        backbone_steps=FLAGS.backbone_steps,
-        backbone_epsilon=FLAGS.backbone_epsilon,
-        distillation=FLAGS.distillation,
-        sort_filters=FLAGS.sort_filters,
-        warmup_epochs=FLAGS.warmup_epochs,
-        finetune_lr=FLAGS.finetune_lr,
-        static_speedups=_numbers(
-            "static_speedups", FLAGS.static_speedups, float, 1.0
-        ),
-        static_prune_first=FLAGS.static_prune_first,
-        budgets=_numbers("budgets", FLAGS.budgets, float, 0.0),
-        batch_size=FLAGS.batch_size,
-        limit=FLAGS.limit,
-        seed=FLAGS.seed,
-        verbose=FLAGS.verbose,
-        fresh=FLAGS.fresh,
-        distribution=FLAGS.strategy,
-    )
-    config.steps = steps
+    config = config_from_flags()
     keras.utils.set_random_seed(config.seed)
     try:
         run(config)
