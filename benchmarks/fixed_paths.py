@@ -15,7 +15,6 @@ With `groups ** layers` above `--max_paths`, only the paths whose FLOPs
 ratio (full / used) lies in `--ratios` are measured.
 """
 
-import itertools
 import os
 import time
 
@@ -26,10 +25,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from sorted_paths import load_split  # noqa: E402
 
 import keras_rnp  # noqa: E402
 from keras_rnp import io_utils  # noqa: E402
+from keras_rnp.data_utils import load_split  # noqa: E402
+from keras_rnp.evaluation import accuracy  # noqa: E402
+from keras_rnp.evaluation import candidate_paths  # noqa: E402
+from keras_rnp.evaluation import pareto  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "A trained RNP model (.keras).")
@@ -47,38 +49,6 @@ flags.DEFINE_string(
     "results", "benchmarks/results/fixed_paths.json", "Where to write JSON."
 )
 flags.mark_flag_as_required("model")
-
-
-def _accuracy(logits, labels):
-    return float(np.mean(np.argmax(np.asarray(logits), -1) == labels))
-
-
-def candidate_paths(rnp, low, high, max_paths):
-    """Every per-layer action tuple, or, when there are more than
-    `max_paths`, those whose FLOPs ratio (`rnp.full_flops` / used) lies in
-    [low, high]; with each path's FLOPs."""
-    layers, groups = rnp.num_gated_layers, rnp.groups
-    paths = np.array(
-        list(itertools.product(range(1, groups + 1), repeat=layers)), np.int32
-    )
-    # A fixed path needs no decision network.
-    flops = rnp.flops_from_actions(paths).numpy() - rnp.decision_flops
-    if len(paths) > max_paths:
-        ratio = rnp.full_flops / flops
-        keep = (ratio >= low) & (ratio <= high)
-        paths, flops = paths[keep], flops[keep]
-    return paths, flops
-
-
-def pareto(rows):
-    """The rows no other row beats on both accuracy and FLOPs, cheapest
-    first."""
-    front, best = [], -1.0
-    for row in sorted(rows, key=lambda r: (r["flops"], -r["accuracy"])):
-        if row["accuracy"] > best:
-            front.append(row)
-            best = row["accuracy"]
-    return front
 
 
 def main(argv):
@@ -104,7 +74,7 @@ def main(argv):
         policy.append(
             {
                 "budget": budget,
-                "accuracy": _accuracy(out["logits"], labels),
+                "accuracy": accuracy(out["logits"], labels),
                 "flops": float(np.mean(out["flops"])),
                 "distinct_paths": len(np.unique(out["actions"], axis=0)),
             }
@@ -118,7 +88,7 @@ def main(argv):
         fixed.append(
             {
                 "path": path.tolist(),
-                "accuracy": _accuracy(out["logits"], labels),
+                "accuracy": accuracy(out["logits"], labels),
                 "flops": float(cost),
             }
         )

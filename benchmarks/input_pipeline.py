@@ -29,16 +29,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from keras_rnp import backbones  # noqa: E402
 from keras_rnp import datasets  # noqa: E402
 from keras_rnp.io_utils import write_json  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-
-import cifar  # noqa: E402
-
 FLAGS = flags.FLAGS
-# --data_dir, --batch_size and the rest of the CIFAR example's flags.
-cifar.define_flags()
+# The CIFAR example's --data_dir and --batch_size.
+flags.DEFINE_string(
+    "data_dir",
+    None,
+    "An ImageFolder directory (data_dir/{train,test}/<class>/<image>), or "
+    "tfds' data directory. Default: tfds' default directory.",
+)
+flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("images", 6400, "Training images per pass.")
 flags.DEFINE_integer("train_steps", 20, "Timed training steps per repeat.")
 flags.DEFINE_integer("repeats", 3, "Repeats (median).")
@@ -85,7 +88,7 @@ def main(argv):
     pipelines = {name: make(name) for name in VARIANTS}
     for ds in pipelines.values():
         batches_per_second(ds)  # Warm-up pass (fills the tuned cache).
-    model = cifar.build_backbone()
+    model = backbones.cifar_cnn()
     model.compile(
         optimizer=keras.optimizers.SGD(0.01),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

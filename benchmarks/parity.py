@@ -10,6 +10,7 @@ logit difference and the share of images whose actions agree exactly.
 """
 
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -25,16 +26,13 @@ import tensorflow as tf  # noqa: E402
 
 import keras_rnp  # noqa: E402
 from keras_rnp import io_utils  # noqa: E402
+from keras_rnp.data_utils import load_digits  # noqa: E402
 
-sys.path.insert(
-    0,
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"),
-)
-import quickstart  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(ROOT, "examples", "quickstart.py")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("rnp_model", None, "An RNP model (.keras); else train one.")
-# (quickstart's flags are defined too: --output names its model file.)
 flags.DEFINE_string(
     "results", "benchmarks/results/parity.json", "Where to write the JSON."
 )
@@ -86,9 +84,20 @@ def main(argv):
     else:
         with tempfile.TemporaryDirectory() as workdir:
             path = os.path.join(workdir, "rnp.keras")
-            quickstart.run(output=path, verbose=0)
+            # The quickstart's model, trained by its script with its
+            # default settings, without checkpoints (an empty --work_dir).
+            subprocess.run(
+                [
+                    sys.executable,
+                    QUICKSTART,
+                    f"--output={path}",
+                    "--verbose=0",
+                    "--work_dir=",
+                ],
+                check=True,
+            )
             rnp = keras.saving.load_model(path)
-    (_, _), (x_test, _) = quickstart.load_digits(0)
+    (_, _), (x_test, _) = load_digits(0)
     with tempfile.TemporaryDirectory() as workdir:
         saved = keras_rnp.export_saved_model(rnp, os.path.join(workdir, "sm"))
         serving = tf.saved_model.load(saved)

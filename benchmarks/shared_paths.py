@@ -21,12 +21,12 @@ from absl import flags
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from sorted_paths import load_split  # noqa: E402
-from sorted_paths import measure  # noqa: E402
 
 import keras_rnp  # noqa: E402
 from keras_rnp import io_utils  # noqa: E402
+from keras_rnp.data_utils import load_split  # noqa: E402
+from keras_rnp.evaluation import accuracy  # noqa: E402
+from keras_rnp.evaluation import uniform_paths  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", None, "Backbones or RNP models (.keras).")
@@ -63,14 +63,14 @@ def main(argv):
     for path in FLAGS.models:
         backbone = _backbone(path)
         full_flops = full_flops or keras_rnp.count_flops(backbone)
-        results["paths"][path] = measure(
+        results["paths"][path] = uniform_paths(
             backbone, images, labels, FLAGS.groups, FLAGS.gate_first
         )
     for path in FLAGS.static:
         model = keras.saving.load_model(path)
         logits = model.predict(images, batch_size=500, verbose=0)
         results["static"][path] = {
-            "accuracy": float(np.mean(np.argmax(logits, -1) == labels)),
+            "accuracy": accuracy(logits, labels),
             "flops": float(keras_rnp.count_flops(model)),
         }
 

@@ -17,56 +17,24 @@ from absl import flags
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 
-import keras_rnp  # noqa: E402
-from keras_rnp import datasets  # noqa: E402
 from keras_rnp import io_utils  # noqa: E402
+from keras_rnp.data_utils import load_split  # noqa: E402
+from keras_rnp.evaluation import uniform_paths  # noqa: E402
 from keras_rnp.static_pruning import sort_filters  # noqa: E402
 
 FLAGS = flags.FLAGS
-
-
-def define_flags():
-    """Defined when the script runs (shared_paths.py imports it)."""
-    flags.DEFINE_string("model", None, "A trained backbone (.keras).")
-    flags.DEFINE_string("dataset", "cifar10", "tfds dataset name.")
-    flags.DEFINE_string("data_dir", None, "ImageFolder or tfds data dir.")
-    flags.DEFINE_string("split", "validation", "Split to measure on.")
-    flags.DEFINE_integer("groups", 4, "Channel groups per gated convolution.")
-    flags.DEFINE_string(
-        "results",
-        "benchmarks/results/sorted_paths.json",
-        "Where to write JSON.",
-    )
-    flags.mark_flag_as_required("model")
-
-
-def load_split(dataset, split, data_dir):
-    """`(images, labels)` of one split, as NumPy arrays."""
-    ds, _ = datasets.load(dataset, split, data_dir)
-    batches = list(datasets.pipeline(ds, 500, training=False))
-    images = np.concatenate([x.numpy() for x, _ in batches])
-    labels = np.concatenate([y.numpy() for _, y in batches])
-    return images, labels
-
-
-def measure(model, images, labels, groups, gate_first=False):
-    """Accuracy and mean FLOPs of `wrap(model)` with every gated layer
-    forced to the same action, for each action 1..groups."""
-    rnp = keras_rnp.wrap(model, groups=groups, gate_first=gate_first)
-    rows = []
-    for action in range(1, groups + 1):
-        out = rnp.run(images, actions=action)
-        predictions = np.argmax(np.asarray(out["logits"]), axis=-1)
-        rows.append(
-            {
-                "action": action,
-                "accuracy": float(np.mean(predictions == labels)),
-                "flops": float(np.mean(out["flops"])),
-            }
-        )
-    return rows
+flags.DEFINE_string("model", None, "A trained backbone (.keras).")
+flags.DEFINE_string("dataset", "cifar10", "tfds dataset name.")
+flags.DEFINE_string("data_dir", None, "ImageFolder or tfds data dir.")
+flags.DEFINE_string("split", "validation", "Split to measure on.")
+flags.DEFINE_integer("groups", 4, "Channel groups per gated convolution.")
+flags.DEFINE_string(
+    "results",
+    "benchmarks/results/sorted_paths.json",
+    "Where to write JSON.",
+)
+flags.mark_flag_as_required("model")
 
 
 def main(argv):
@@ -77,8 +45,10 @@ def main(argv):
         "model": FLAGS.model,
         "split": FLAGS.split,
         "images": len(labels),
-        "as_trained": measure(backbone, images, labels, FLAGS.groups),
-        "sorted": measure(sort_filters(backbone), images, labels, FLAGS.groups),
+        "as_trained": uniform_paths(backbone, images, labels, FLAGS.groups),
+        "sorted": uniform_paths(
+            sort_filters(backbone), images, labels, FLAGS.groups
+        ),
     }
     print(f"{len(labels)} {FLAGS.split} images, {FLAGS.model}")
     print(f"{'groups':>6} {'MFLOPs':>8} {'as trained':>11} {'sorted':>8}")
@@ -94,5 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
     app.run(main)

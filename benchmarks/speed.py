@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_rnp  # noqa: E402
+from keras_rnp import backbones  # noqa: E402
 from keras_rnp import io_utils  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -50,38 +51,14 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("seed", 0, "Seed of the weights, images and actions.")
 
-L = keras.layers
-
-
-def cifar4(classes=10):
-    """The CIFAR-size 4-convolution network: 64-128-256-512, batch norm."""
-    model = keras.Sequential([keras.Input((32, 32, 3))], name="cifar4")
-    for i, width in enumerate([64, 128, 256, 512]):
-        model.add(L.Conv2D(width, 3, padding="same", use_bias=False))
-        model.add(L.BatchNormalization())
-        model.add(L.ReLU())
-        if i > 0:
-            model.add(L.MaxPooling2D())
-    model.add(L.GlobalAveragePooling2D())
-    model.add(L.Dense(classes))
-    return model
-
-
-def vgg16(classes=1000):
-    """The VGG-16 layout at 224x224 (13 convolutions, three dense)."""
-    model = keras.Sequential([keras.Input((224, 224, 3))], name="vgg16")
-    for widths in [[64] * 2, [128] * 2, [256] * 3, [512] * 3, [512] * 3]:
-        for width in widths:
-            model.add(L.Conv2D(width, 3, padding="same", activation="relu"))
-        model.add(L.MaxPooling2D())
-    model.add(L.Flatten())
-    model.add(L.Dense(4096, activation="relu"))
-    model.add(L.Dense(4096, activation="relu"))
-    model.add(L.Dense(classes))
-    return model
-
-
-MODELS = {"cifar4": cifar4, "vgg16": vgg16}
+# The CIFAR network without input normalization nor pooling after the
+# first block, and VGG-16.
+MODELS = {
+    "cifar4": lambda: backbones.cifar_cnn(
+        pool_first=False, normalize=False, name="cifar4"
+    ),
+    "vgg16": backbones.vgg16,
+}
 
 
 def median_times(first, second, repeats):

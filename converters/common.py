@@ -5,9 +5,8 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-
 import keras_rnp  # noqa: E402
+from keras_rnp import io_utils  # noqa: E402
 
 
 class ConverterError(Exception):
@@ -19,12 +18,10 @@ def load_model(path, want_rnp):
     if not os.path.isfile(path):
         raise ConverterError(f"no such file: {path}")
     try:
-        model = keras.saving.load_model(path)
-    except Exception as error:  # Keras raises many types for a bad file.
-        reason = str(error).strip().splitlines()[0] if str(error) else ""
+        model = io_utils.load_model(path)
+    except io_utils.ModelLoadError as error:
         raise ConverterError(
-            f"cannot load a Keras model from {path}: "
-            f"{type(error).__name__}: {reason}"
+            f"cannot load a Keras model from {path}: {error.reason}"
         ) from None
     if want_rnp and not isinstance(model, keras_rnp.RNPModel):
         raise ConverterError(

@@ -29,6 +29,7 @@ Models already trained in `--work_dir` are reused, not retrained (pass
 `--fresh` to retrain them). TensorBoard logs: `--work_dir/logs`.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -45,148 +46,133 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_rnp  # noqa: E402
+from keras_rnp import backbones  # noqa: E402
 from keras_rnp import datasets  # noqa: E402
+from keras_rnp import evaluation  # noqa: E402
 from keras_rnp import io_utils  # noqa: E402
+from keras_rnp.policy import epsilon_decay_steps_for  # noqa: E402
+from keras_rnp.q_learning import phase_counts  # noqa: E402
 from keras_rnp.static_pruning import l1_prune_to_flops  # noqa: E402
 from keras_rnp.static_pruning import sort_filters  # noqa: E402
 
 STEPS = ("backbone", "rnp", "static", "evaluate", "plots")
-# Per-channel mean and standard deviation of the CIFAR-10 training images
-# (0-255), used by the backbone's input Normalization layer.
-CIFAR_MEAN = (125.3, 123.0, 113.9)
-CIFAR_STD = (63.0, 62.1, 66.7)
 
 FLAGS = flags.FLAGS
 
 
-def define_flags():
-    """The script's flags (defined when it runs, not when it is imported:
-    the tests import both examples)."""
-    flags.DEFINE_string("dataset", "cifar10", "tfds dataset name.")
-    flags.DEFINE_string(
-        "data_dir",
+def setting(default, help_text, flag=None, item=None, minimum=None, **options):
+    """A `Config` field that is also a command-line flag.
+
+    Args:
+        default: the default value; its type picks the flag's (bool,
+            int, float, str or None: string; a tuple: a comma-separated
+            list of `item`).
+        help_text: the flag's help text.
+        flag: the flag's name, when it is not the field's.
+        item: the type of a list's elements (int, float or str).
+        minimum: the smallest number a list accepts.
+        **options: for the flag definition: `enum_values` (a string flag
+            with fixed choices), `lower_bound`, `choices` (a list's allowed
+            elements).
+    """
+    metadata = dict(help=help_text, flag=flag, item=item, minimum=minimum)
+    return dataclasses.field(default=default, metadata={**metadata, **options})
+
+
+@dataclasses.dataclass(eq=False)
+class Config:
+    """Every setting of a run. Each field is also a flag (see `setting`)."""
+
+    dataset: str = setting("cifar10", "tfds dataset name.")
+    data_dir: str | None = setting(
         None,
         "An ImageFolder directory (data_dir/{train,test}/<class>/<image>), or "
         "tfds' data directory. Default: tfds' default directory.",
     )
-    flags.DEFINE_string("work_dir", "runs/cifar10", "Models, logs, results.")
-    flags.DEFINE_list("steps", list(STEPS), f"Steps to run, from {STEPS}.")
-    flags.DEFINE_list("widths", ["64", "128", "256", "512"], "Conv widths.")
-    flags.DEFINE_integer("backbone_epochs", 30, "Epochs of backbone training.")
-    flags.DEFINE_float("backbone_lr", 0.1, "Peak SGD learning rate.")
-    flags.DEFINE_float(
-        "weight_decay",
+    work_dir: str = setting("runs/cifar10", "Models, logs, results.")
+    widths: tuple = setting(
+        (64, 128, 256, 512), "Conv widths.", item=int, minimum=1
+    )
+    backbone_epochs: int = setting(30, "Epochs of backbone training.")
+    backbone_lr: float = setting(0.1, "Peak SGD learning rate.")
+    weight_decay: float = setting(
         5e-3,
         "SGD weight decay, Keras' decoupled kind (w -= lr * wd * w each "
         "step): 5e-3 is about the usual coupled L2 of 5e-4 at momentum 0.9.",
     )
-    flags.DEFINE_integer("rnp_epochs", 10, "Epochs of RNP training.")
-    flags.DEFINE_list(
-        "penalties", ["0.07", "0.04"], "RNP penalties (one model each)."
+    rnp_epochs: int = setting(10, "Epochs of RNP training.")
+    penalties: tuple = setting(
+        (0.07, 0.04),
+        "RNP penalties (one model each).",
+        item=float,
+        minimum=0.0,
     )
-    flags.DEFINE_enum(
-        "penalty_mode", "flops", ["flat", "flops"], "See keras_rnp.wrap."
+    penalty_mode: str = setting(
+        "flops", "See keras_rnp.wrap.", enum_values=["flat", "flops"]
     )
-    flags.DEFINE_integer("groups", 4, "Channel groups per gated convolution.")
-    flags.DEFINE_bool(
-        "gate_first",
+    groups: int = setting(4, "Channel groups per gated convolution.")
+    gate_first: bool = setting(
         True,
         "Also gate the first convolution: narrowing it narrows the second "
         "one's input, so 4x fewer FLOPs does not force one group there.",
     )
-    flags.DEFINE_integer("decision_steps", 20, "N1: decision steps per round.")
-    flags.DEFINE_integer("backbone_steps", 10, "N2: backbone steps per round.")
-    flags.DEFINE_float("backbone_epsilon", 0.2, "Exploration in fine-tuning.")
-    flags.DEFINE_float(
-        "distillation",
+    decision_steps: int = setting(20, "N1: decision steps per round.")
+    backbone_steps: int = setting(10, "N2: backbone steps per round.")
+    backbone_epsilon: float = setting(0.2, "Exploration in fine-tuning.")
+    distillation: float = setting(
         0.0,
         "In-place distillation weight in [0, 1] for the warm-up and RNP's "
         "fine-tuning steps: the paths taken learn from the full network's "
         "predictions (see keras_rnp.wrap), at about twice the cost per step.",
     )
-    flags.DEFINE_integer(
-        "warmup_epochs",
+    sort_filters: bool = setting(
+        True,
+        "Order each convolution's filters by L1 norm before wrapping, so "
+        "RNP's first groups are the filters static pruning would keep.",
+    )
+    warmup_epochs: int = setting(
         4,
         "Epochs of fine-tuning the wrapped backbone under random actions "
         "(every width trained) before Algorithm 1; done once for all "
         "penalties. Static pruning fine-tunes as many more steps.",
         lower_bound=0,
     )
-    flags.DEFINE_bool(
-        "sort_filters",
-        True,
-        "Order each convolution's filters by L1 norm before wrapping, so "
-        "RNP's first groups are the filters static pruning would keep.",
+    finetune_lr: float = setting(0.01, "SGD learning rate of fine-tuning.")
+    static_speedups: tuple = setting(
+        (2.0, 3.0, 4.0, 6.0, 8.0), "Static pruning.", item=float, minimum=1.0
     )
-    flags.DEFINE_float("finetune_lr", 0.01, "SGD learning rate of fine-tuning.")
-    flags.DEFINE_list(
-        "static_speedups", ["2", "3", "4", "6", "8"], "Static pruning."
-    )
-    flags.DEFINE_bool(
-        "static_prune_first",
+    static_prune_first: bool = setting(
         True,
         "Static pruning also prunes the first convolution, with the keep "
         "fraction of the others (--nostatic_prune_first keeps it whole: "
         "a weaker baseline, 1.1 points lower at 4x on CIFAR-10).",
     )
-    flags.DEFINE_list(
-        "budgets",
-        ["0", "0.025", "0.05", "0.075", "0.1", "0.15", "0.2", "0.3"],
+    budgets: tuple = setting(
+        (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3),
         "Budgets of the sweep (of the first penalty's model).",
+        item=float,
+        minimum=0.0,
     )
-    flags.DEFINE_integer("batch_size", 128, "Batch size.")
-    flags.DEFINE_integer("limit", 0, "Use only this many images per split.")
-    flags.DEFINE_integer("seed", 0, "Random seed.")
-    flags.DEFINE_integer("verbose", 2, "Keras fit verbosity (0, 1 or 2).")
-    flags.DEFINE_bool("fresh", False, "Retrain models already in --work_dir.")
-    flags.DEFINE_enum(
-        "strategy",
+    batch_size: int = setting(128, "Batch size.")
+    limit: int = setting(0, "Use only this many images per split.")
+    seed: int = setting(0, "Random seed.")
+    verbose: int = setting(2, "Keras fit verbosity (0, 1 or 2).")
+    fresh: bool = setting(False, "Retrain models already in --work_dir.")
+    distribution: str = setting(
         "default",
-        ["default", "mirrored", "multi_worker"],
         "tf.distribute strategy: one device, the local devices, or the "
         "workers named in TF_CONFIG.",
+        flag="strategy",
+        enum_values=["default", "mirrored", "multi_worker"],
     )
-    flags.DEFINE_bool("traceback", False, "Show the full trace of an error.")
-
-
-class Config:
-    """Every setting of a run (the flags, as plain values)."""
-
-    def __init__(self, **kwargs):
-        self.dataset = "cifar10"
-        self.data_dir = None
-        self.work_dir = "runs/cifar10"
-        self.widths = (64, 128, 256, 512)
-        self.backbone_epochs = 30
-        self.backbone_lr = 0.1
-        self.weight_decay = 5e-3
-        self.rnp_epochs = 10
-        self.penalties = (0.07, 0.04)
-        self.penalty_mode = "flops"
-        self.groups = 4
-        self.gate_first = True
-        self.decision_steps = 20
-        self.backbone_steps = 10
-        self.backbone_epsilon = 0.2
-        self.distillation = 0.0
-        self.sort_filters = True
-        self.warmup_epochs = 4
-        self.finetune_lr = 0.01
-        self.static_speedups = (2.0, 3.0, 4.0, 6.0, 8.0)
-        self.static_prune_first = True
-        self.budgets = (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3)
-        self.batch_size = 128
-        self.limit = 0
-        self.seed = 0
-        self.verbose = 2
-        self.fresh = False
-        self.distribution = "default"
-        self._strategy = None
-        self._steps_per_epoch = None
-        for key, value in kwargs.items():
-            if not hasattr(self, key):
-                raise TypeError(f"Unknown setting {key!r}.")
-            setattr(self, key, value)
+    steps: tuple = setting(
+        STEPS, f"Steps to run, from {STEPS}.", item=str, choices=STEPS
+    )
+    # Created when first needed (see `strategy` and `_steps_per_epoch`).
+    _strategy: object = dataclasses.field(default=None, init=False, repr=False)
+    _steps_per_epoch: int | None = dataclasses.field(
+        default=None, init=False, repr=False
+    )
 
     def path(self, *names):
         return os.path.join(self.work_dir, *names)
@@ -210,6 +196,77 @@ class Config:
         return False
 
 
+def _settings():
+    """The fields of `Config` that are flags."""
+    return [f for f in dataclasses.fields(Config) if "help" in f.metadata]
+
+
+def define_flags():
+    """Defines a flag per `Config` setting, and --traceback.
+
+    Called when the script runs, not when it is imported: the tests import
+    both examples, whose flags share names.
+    """
+    for field in _settings():
+        meta, default = field.metadata, field.default
+        name = meta["flag"] or field.name
+        if meta["item"] is not None:
+            text = [v if isinstance(v, str) else f"{v:g}" for v in default]
+            flags.DEFINE_list(name, text, meta["help"])
+        elif "enum_values" in meta:
+            flags.DEFINE_enum(name, default, meta["enum_values"], meta["help"])
+        elif isinstance(default, bool):
+            flags.DEFINE_bool(name, default, meta["help"])
+        elif isinstance(default, int):
+            flags.DEFINE_integer(
+                name, default, meta["help"], lower_bound=meta.get("lower_bound")
+            )
+        elif isinstance(default, float):
+            flags.DEFINE_float(name, default, meta["help"])
+        else:
+            flags.DEFINE_string(name, default, meta["help"])
+    flags.DEFINE_bool("traceback", False, "Show the full trace of an error.")
+
+
+def _list_setting(name, values, item, minimum=None, choices=None):
+    """The parsed elements of the list flag --name."""
+    if choices is not None:
+        values = [v.strip() for v in values]
+        unknown = [v for v in values if v not in choices]
+        if unknown:
+            raise app.UsageError(
+                f"--{name} expects names from {choices}. Received: {unknown}"
+            )
+        return tuple(values)
+    try:
+        numbers = tuple(item(v) for v in values)
+    except ValueError:
+        raise app.UsageError(
+            f"--{name} expects a list of {item.__name__}s. Received: "
+            f"{','.join(values)}"
+        ) from None
+    if minimum is not None and any(n < minimum for n in numbers):
+        raise app.UsageError(
+            f"--{name} expects values >= {minimum}. Received: {numbers}"
+        )
+    return numbers
+
+
+def config_from_flags():
+    """The `Config` of the parsed flags (lists parsed and checked)."""
+    values = {}
+    for field in _settings():
+        meta = field.metadata
+        name = meta["flag"] or field.name
+        value = FLAGS[name].value
+        if meta["item"] is not None:
+            value = _list_setting(
+                name, value, meta["item"], meta["minimum"], meta.get("choices")
+            )
+        values[field.name] = value
+    return Config(**values)
+
+
 def data(config, split, training=False):
     """Batches of one split (see `keras_rnp.datasets`)."""
     ds, num_classes = datasets.load(config.dataset, split, config.data_dir)
@@ -225,31 +282,6 @@ def data(config, split, training=False):
     )
 
 
-def build_backbone(classes=10, widths=(64, 128, 256, 512)):
-    """The 4-convolution network: input normalization, then four blocks of
-    3x3 conv (no bias) - batch norm - ReLU - 2x2 max pooling, then global
-    average pooling and a linear classifier. Takes 32x32x3 images in
-    [0, 255]."""
-    layers = keras.layers
-    model = keras.Sequential(
-        [
-            keras.Input((32, 32, 3)),
-            layers.Normalization(
-                mean=CIFAR_MEAN, variance=np.square(CIFAR_STD).tolist()
-            ),
-        ],
-        name="cnn4",
-    )
-    for width in widths:
-        model.add(layers.Conv2D(width, 3, padding="same", use_bias=False))
-        model.add(layers.BatchNormalization())
-        model.add(layers.ReLU())
-        model.add(layers.MaxPooling2D())
-    model.add(layers.GlobalAveragePooling2D())
-    model.add(layers.Dense(classes))
-    return model
-
-
 def _loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -261,11 +293,6 @@ def _callbacks(config, name):
     ]
 
 
-def _save(model, path):
-    with io_utils.atomic_path(path) as staging:
-        model.save(staging)
-
-
 def train_backbone(config):
     """Step 1: trains the full network; saves `backbone.keras`."""
     if config.done("backbone.keras"):
@@ -274,7 +301,7 @@ def train_backbone(config):
     val, _ = data(config, "validation")
     steps = config.backbone_epochs * int(train.cardinality())
     with config.strategy().scope():
-        model = build_backbone(classes, config.widths)
+        model = backbones.cifar_cnn(classes, config.widths)
         model.compile(
             optimizer=keras.optimizers.SGD(
                 keras.optimizers.schedules.CosineDecay(
@@ -294,7 +321,7 @@ def train_backbone(config):
         callbacks=_callbacks(config, "backbone"),
         verbose=config.verbose,
     )
-    _save(model, config.path("backbone.keras"))
+    io_utils.save_model(model, config.path("backbone.keras"))
     return model
 
 
@@ -307,12 +334,17 @@ def _steps_per_epoch(config):
     return config._steps_per_epoch
 
 
+def _rnp_steps(config):
+    """Training steps of Algorithm 1 (both phases)."""
+    return config.rnp_epochs * _steps_per_epoch(config)
+
+
 def _rnp_updates(config):
     """Backbone updates of Algorithm 1 (its N2 share of the steps)."""
-    total = config.rnp_epochs * _steps_per_epoch(config)
-    n1, n2 = config.decision_steps, config.backbone_steps
-    rounds, rest = divmod(total, n1 + n2)
-    return max(1, rounds * n2 + max(0, rest - n1))
+    _, backbone_updates = phase_counts(
+        _rnp_steps(config), config.decision_steps, config.backbone_steps
+    )
+    return max(1, backbone_updates)
 
 
 def _backbone_updates(config):
@@ -332,19 +364,9 @@ def _finetune_optimizer(config, steps):
 
 
 def _load(path, what):
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"Expected the {what} at {path}: run the step that makes it "
-            "first (see --steps)."
-        )
-    try:
-        return keras.saving.load_model(path)
-    except Exception as error:  # Keras raises many types for a bad file.
-        reason = (str(error).strip().splitlines() or [""])[0]
-        raise ValueError(
-            f"Cannot load the {what} from {path} (a corrupt or foreign "
-            f"file?): {type(error).__name__}: {reason}"
-        ) from error
+    return io_utils.load_model(
+        path, what, hint="run the step that makes it first (see --steps)"
+    )
 
 
 def rnp_name(penalty):
@@ -387,7 +409,7 @@ def _rnp_backbone(config, train):
         verbose=config.verbose,
     )
     backbone = keras_rnp.strip(rnp)
-    _save(backbone, config.path("warmup.keras"))
+    io_utils.save_model(backbone, config.path("warmup.keras"))
     return backbone
 
 
@@ -403,12 +425,6 @@ def train_rnp(config):
         return
     train, _ = data(config, "train", training=True)
     val, _ = data(config, "validation")
-    decision_updates = (
-        config.rnp_epochs
-        * _steps_per_epoch(config)
-        * config.decision_steps
-        // (config.decision_steps + config.backbone_steps)
-    )
     backbone = _rnp_backbone(config, train)
     for penalty in todo:
         name = rnp_name(penalty)
@@ -426,7 +442,11 @@ def train_rnp(config):
                 decision_steps=config.decision_steps,
                 backbone_steps=config.backbone_steps,
                 # Explore widely over the first third of the decision steps.
-                epsilon_decay_steps=max(1, decision_updates // 3),
+                epsilon_decay_steps=epsilon_decay_steps_for(
+                    _rnp_steps(config),
+                    config.decision_steps,
+                    config.backbone_steps,
+                ),
                 seed=config.seed,
             )
             rnp.compile(
@@ -485,19 +505,15 @@ def train_static(config):
             callbacks=_callbacks(config, name),
             verbose=config.verbose,
         )
-        _save(model, config.path(f"{name}.keras"))
+        io_utils.save_model(model, config.path(f"{name}.keras"))
 
 
-def _per_image_losses(model, test):
+def _predict(model, test):
     """Per-image losses, labels and predicted classes, in one pass."""
     losses, labels, predictions = [], [], []
     for images, batch_labels in test:
         logits = model(images, training=False)
-        losses.append(
-            keras.losses.sparse_categorical_crossentropy(
-                batch_labels, logits, from_logits=True
-            ).numpy()
-        )
+        losses.append(evaluation.per_image_losses(batch_labels, logits))
         labels.append(batch_labels.numpy())
         predictions.append(np.argmax(logits, axis=-1))
     return tuple(np.concatenate(x) for x in (losses, labels, predictions))
@@ -511,7 +527,7 @@ def evaluate(config):
     test, _ = data(config, "test")
     backbone = _load(config.path("backbone.keras"), "trained backbone")
     full_flops = keras_rnp.count_flops(backbone)
-    losses, labels, predictions = _per_image_losses(backbone, test)
+    losses, labels, predictions = _predict(backbone, test)
     backbone_accuracy = float(np.mean(predictions == labels))
     results = {
         "config": {
@@ -567,60 +583,13 @@ def evaluate(config):
                 "flops_ratio": flops / full_flops,
             }
         )
-    results["comparison"] = compare(results)
+    results["comparison"] = evaluation.compare(results)
     print(format_results(results))
     io_utils.write_json(config.path("results.json"), results)
     with io_utils.atomic_path(config.path("per_image.npz")) as staging:
         with open(staging, "wb") as f:
             np.savez(f, **per_image)
     return results
-
-
-def interpolate_accuracy(rows, flops_ratio):
-    """Accuracy at `flops_ratio`, linear between the two measured rows
-    around it (rows with `flops_ratio` and `accuracy`); None outside."""
-    points = sorted((r["flops_ratio"], r["accuracy"]) for r in rows)
-    ratios = [ratio for ratio, _ in points]
-    if not points or not ratios[0] <= flops_ratio <= ratios[-1]:
-        return None
-    return float(np.interp(flops_ratio, ratios, [a for _, a in points]))
-
-
-def compare(results):
-    """RNP against the full network and against static pruning.
-
-    `within_1_point`: the largest FLOPs reduction among the measured RNP
-    rows (trained penalties and the sweep) that lose at most one point
-    against the full network. `static`: for each static model, the accuracy
-    of the budget sweep at the same FLOPs (interpolated between the two
-    sweep rows around it; None if the sweep does not reach it) minus the
-    static model's."""
-    full = results["full"]["accuracy"]
-    rows = results["rnp"] + results["sweep"]
-    close = [r for r in rows if r["accuracy"] >= full - 0.01]
-    best = max(close, key=lambda r: 1 / r["flops_ratio"], default=None)
-    comparison = {
-        "within_1_point": None
-        if best is None
-        else {
-            "penalty": best["penalty"],
-            "budget": best["budget"],
-            "speedup": 1 / best["flops_ratio"],
-            "accuracy": best["accuracy"],
-        },
-        "static": [],
-    }
-    for row in results["static"]:
-        rnp = interpolate_accuracy(results["sweep"], row["flops_ratio"])
-        comparison["static"].append(
-            {
-                "speedup": row["speedup"],
-                "static_accuracy": row["accuracy"],
-                "rnp_accuracy": rnp,
-                "difference": None if rnp is None else rnp - row["accuracy"],
-            }
-        )
-    return comparison
 
 
 def format_results(results):
@@ -780,63 +749,10 @@ def run(config):
     return results
 
 
-def _numbers(name, values, kind=float, minimum=None):
-    try:
-        numbers = tuple(kind(v) for v in values)
-    except ValueError:
-        raise app.UsageError(
-            f"--{name} expects a list of {kind.__name__}s. Received: "
-            f"{','.join(values)}"
-        ) from None
-    if minimum is not None and any(n < minimum for n in numbers):
-        raise app.UsageError(
-            f"--{name} expects values >= {minimum}. Received: {numbers}"
-        )
-    return numbers
-
-
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # tfds logs every split it reads.
-    steps = [s.strip() for s in FLAGS.steps]
-    unknown = [s for s in steps if s not in STEPS]
-    if unknown:
-        raise app.UsageError(
-            f"--steps expects names from {STEPS}. Received: {unknown}"
-        )
-    config = Config(
-        dataset=FLAGS.dataset,
-        data_dir=FLAGS.data_dir,
-        work_dir=FLAGS.work_dir,
-        widths=_numbers("widths", FLAGS.widths, int, 1),
-        backbone_epochs=FLAGS.backbone_epochs,
-        backbone_lr=FLAGS.backbone_lr,
-        weight_decay=FLAGS.weight_decay,
-        rnp_epochs=FLAGS.rnp_epochs,
-        penalties=_numbers("penalties", FLAGS.penalties, float, 0.0),
-        penalty_mode=FLAGS.penalty_mode,
-        groups=FLAGS.groups,
-        gate_first=FLAGS.gate_first,
-        decision_steps=FLAGS.decision_steps,
-        backbone_steps=FLAGS.backbone_steps,
-        backbone_epsilon=FLAGS.backbone_epsilon,
-        distillation=FLAGS.distillation,
-        sort_filters=FLAGS.sort_filters,
-        warmup_epochs=FLAGS.warmup_epochs,
-        finetune_lr=FLAGS.finetune_lr,
-        static_speedups=_numbers(
-            "static_speedups", FLAGS.static_speedups, float, 1.0
-        ),
-        static_prune_first=FLAGS.static_prune_first,
-        budgets=_numbers("budgets", FLAGS.budgets, float, 0.0),
-        batch_size=FLAGS.batch_size,
-        limit=FLAGS.limit,
-        seed=FLAGS.seed,
-        verbose=FLAGS.verbose,
-        fresh=FLAGS.fresh,
-        distribution=FLAGS.strategy,
-    )
-    config.steps = steps
+    config = config_from_flags()
     keras.utils.set_random_seed(config.seed)
     try:
         run(config)

@@ -29,7 +29,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_rnp  # noqa: E402
-from keras_rnp.io_utils import atomic_path  # noqa: E402
+from keras_rnp import backbones  # noqa: E402
+from keras_rnp import evaluation  # noqa: E402
+from keras_rnp import io_utils  # noqa: E402
+from keras_rnp.data_utils import load_digits  # noqa: E402
+from keras_rnp.policy import epsilon_decay_steps_for  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("backbone_epochs", 40, "Epochs to train the backbone.")
@@ -55,46 +59,10 @@ flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_integer("verbose", 2, "Keras fit verbosity (0, 1 or 2).")
 
 
-def load_digits(seed=0, test_fraction=0.25):
-    """The scikit-learn digits as 8x8x1 float images in [0, 1].
-
-    Returns:
-        `((x_train, y_train), (x_test, y_test))`, split with a fixed
-        per-class shuffle.
-    """
-    from sklearn.datasets import load_digits as sklearn_digits
-
-    digits = sklearn_digits()
-    x = (digits.images / 16.0).astype("float32")[..., None]
-    y = digits.target.astype("int32")
-    rng = np.random.default_rng(seed)
-    test = np.zeros(len(y), bool)
-    for label in np.unique(y):
-        index = rng.permutation(np.flatnonzero(y == label))
-        test[index[: int(round(len(index) * test_fraction))]] = True
-    return (x[~test], y[~test]), (x[test], y[test])
-
-
-def build_backbone(input_shape=(8, 8, 1), classes=10, widths=(32, 64, 64)):
-    """conv-bn-relu blocks (max pooling after the second), then a linear
-    classifier on global average pooling."""
-    layers = keras.layers
-    model = keras.Sequential([keras.Input(input_shape)], name="backbone")
-    for i, width in enumerate(widths):
-        model.add(layers.Conv2D(width, 3, padding="same", use_bias=False))
-        model.add(layers.BatchNormalization())
-        model.add(layers.ReLU())
-        if i == 1:
-            model.add(layers.MaxPooling2D())
-    model.add(layers.GlobalAveragePooling2D())
-    model.add(layers.Dense(classes))
-    return model
-
-
 def accuracy_and_flops(rnp, x, y, budget=0.0):
     """Test accuracy, FLOPs per image and actions of an RNP model."""
     out = rnp.run(x, budget=budget)
-    accuracy = float(np.mean(out["logits"].numpy().argmax(1) == y))
+    accuracy = evaluation.accuracy(out["logits"], y)
     return accuracy, out["flops"].numpy(), out["actions"].numpy()
 
 
@@ -129,7 +97,7 @@ def run(
         backbone = keras.saving.load_model(saved_backbone)
     else:
         print(f"[1/3] Training the backbone ({backbone_epochs} epochs)...")
-        backbone = build_backbone()
+        backbone = backbones.digits_cnn()
         backbone.compile(
             optimizer=keras.optimizers.Adam(3e-3),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -144,8 +112,7 @@ def run(
             callbacks=_backup(work_dir, "backbone"),
         )
         if saved_backbone:
-            with atomic_path(saved_backbone) as staging:
-                backbone.save(staging)
+            io_utils.save_model(backbone, saved_backbone)
     full_accuracy = backbone.evaluate(x_test, y_test, verbose=0)[1]
     full_flops = keras_rnp.count_flops(backbone)
 
@@ -159,13 +126,8 @@ def run(
         decision_steps=decision_steps,
         backbone_steps=backbone_steps,
         # Anneal exploration over the first third of the decision steps.
-        epsilon_decay_steps=max(
-            1,
-            rnp_epochs
-            * steps_per_epoch
-            * decision_steps
-            // (decision_steps + backbone_steps)
-            // 3,
+        epsilon_decay_steps=epsilon_decay_steps_for(
+            rnp_epochs * steps_per_epoch, decision_steps, backbone_steps
         ),
         seed=seed,
     )
@@ -198,14 +160,15 @@ def run(
         accuracy, flops, actions = accuracy_and_flops(
             rnp, x_test, y_test, budget
         )
+        ratio, spread = evaluation.flops_ratio_and_spread(flops, full_flops)
         rows.append(
             {
                 "model": "RNP",
                 "budget": float(budget),
                 "accuracy": accuracy,
                 "flops": float(flops.mean()),
-                "flops_ratio": float(flops.mean() / full_flops),
-                "flops_spread": float(np.std(flops / full_flops)),
+                "flops_ratio": ratio,
+                "flops_spread": spread,
                 "mean_action": float(actions.mean()),
             }
         )

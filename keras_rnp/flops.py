@@ -166,8 +166,11 @@ def count_flops(model):
 
     Raises:
         ValueError: if the model is not built, holds a layer whose cost is
-            not defined (named in the message) or a layer called more than
-            once, or its image size is unknown where the cost depends on it.
+            not defined (named in the message), or its image size is
+            unknown where the cost depends on it.
+
+    A layer shared by several calls in one model is counted once, on its
+    first call.
 
     Example:
 
@@ -194,26 +197,18 @@ def count_flops(model):
         if isinstance(layer, keras.Model):
             total += count_flops(layer)
             continue
-        problem = None
-        # A shared layer has one node per call (a private list of Keras'
-        # layers, read only to refuse what would be counted once).
-        if len(getattr(layer, "_inbound_nodes", ())) > 1:
-            problem = "it is called more than once"
-        else:
-            try:
-                shapes = [
-                    keras.tree.map_structure(lambda t: tuple(t.shape), tensors)
-                    for tensors in (layer.input, layer.output)
-                ]
-            except (AttributeError, ValueError) as error:
-                problem = str(error)
-        if problem:
+        try:
+            shapes = [
+                keras.tree.map_structure(lambda t: tuple(t.shape), tensors)
+                for tensors in (layer.input, layer.output)
+            ]
+        except (AttributeError, ValueError) as error:
             raise ValueError(
                 "count_flops() expects a Sequential or functional model "
-                "whose layers each run once on a known input. Received: "
-                f"layer '{layer.name}' ({type(layer).__name__}) of "
-                f"model={model.name} ({type(model).__name__}): {problem}."
-            )
+                "whose layers run on a known input. Received: layer "
+                f"'{layer.name}' ({type(layer).__name__}) of "
+                f"model={model.name} ({type(model).__name__}): {error}"
+            ) from error
         total += layer_flops(layer, *shapes)
     return float(total)
 

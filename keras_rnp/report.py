@@ -2,10 +2,12 @@
 
 import dataclasses
 
-import keras
 import numpy as np
 
 from keras_rnp import flops as flops_lib
+from keras_rnp.evaluation import flops_ratio_and_spread
+from keras_rnp.evaluation import per_image_losses
+from keras_rnp.rnp_model import RNPModel
 
 
 @dataclasses.dataclass
@@ -55,13 +57,13 @@ class Report:
     @property
     def flops_ratio(self):
         """Mean FLOPs per image over the backbone's."""
-        return self.mean_flops / self.full_flops
+        return flops_ratio_and_spread(self.flops, self.full_flops)[0]
 
     @property
     def flops_spread(self):
         """Standard deviation of the per-image FLOPs ratio (0: every image
         took the same path, i.e. static pruning in disguise)."""
-        return float(np.std(self.flops / self.full_flops))
+        return flops_ratio_and_spread(self.flops, self.full_flops)[1]
 
     def summary(self):
         """The numbers as a JSON-ready dict (no per-image arrays)."""
@@ -119,8 +121,6 @@ def report(rnp, dataset, budget=0.0, print_fn=print):
         A `Report`: the per-layer table as data, and per-image actions,
         FLOPs, predictions and losses.
     """
-    from keras_rnp.rnp_model import RNPModel
-
     if not isinstance(rnp, RNPModel):
         raise TypeError(
             "keras_rnp.report() expects a keras_rnp.RNPModel (see "
@@ -145,10 +145,9 @@ def report(rnp, dataset, budget=0.0, print_fn=print):
     labels = np.concatenate(labels).astype(np.int64) if labels else None
     losses = None
     if labels is not None:
-        losses = keras.losses.sparse_categorical_crossentropy(
+        losses = per_image_losses(
             labels, logits, from_logits=not rnp.ends_in_softmax
-        )
-        losses = np.asarray(losses, np.float64)
+        ).astype(np.float64)
 
     per_layer = flops_lib.gated_layer_flops(
         actions.astype(np.float64),

@@ -160,8 +160,3 @@ def test_count_flops_refuses_what_it_cannot_count_naming_the_layer():
     )
     with pytest.raises(ValueError, match="fixed image size.*'conv'"):
         keras_rnp.count_flops(open_size)
-    shared = L.Dense(3, name="shared")
-    inputs = keras.Input((3,))
-    twice = keras.Model(inputs, shared(shared(inputs)))
-    with pytest.raises(ValueError, match="each run once.*'shared'"):
-        keras_rnp.count_flops(twice)

@@ -1,0 +1,140 @@
+"""Backbone networks of the examples and benchmarks, ready to wrap.
+
+`cifar_cnn`: the 4-convolution CIFAR network (32x32x3 images); `digits_cnn`:
+the quickstart's small network for the 8x8 scikit-learn digits; `vgg16`:
+the VGG-16 layout at 224x224, for timing. All are `keras.Sequential`
+models ending in logits (no softmax), built afresh on each call: under
+`keras.utils.set_random_seed`, the same call gives the same weights.
+"""
+
+import keras
+import numpy as np
+
+# Per-channel mean and standard deviation of the CIFAR-10 training images
+# (0-255), used by `cifar_cnn`'s input Normalization layer.
+CIFAR_MEAN = (125.3, 123.0, 113.9)
+CIFAR_STD = (63.0, 62.1, 66.7)
+# VGG-16's five stages: (filters, convolutions) each.
+VGG16_STAGES = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
+
+
+def _is_count(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_classes(classes):
+    if not _is_count(classes) or classes < 1:
+        raise ValueError(
+            f"Expected classes to be an int >= 1. Received: classes={classes!r}"
+        )
+
+
+def _check_widths(widths):
+    if not len(widths) or any(not _is_count(w) or w < 1 for w in widths):
+        raise ValueError(
+            "Expected widths to be a non-empty sequence of ints >= 1. "
+            f"Received: widths={widths!r}"
+        )
+
+
+def _conv_blocks(model, widths, pool_after, classes):
+    """Appends conv-bn-relu blocks to `model`, then the classifier.
+
+    Each block is a 3x3 convolution (same padding, no bias), batch
+    normalization and ReLU, followed by 2x2 max pooling when
+    `pool_after(index)` is true. The classifier is global average pooling
+    and a linear layer of `classes` logits.
+    """
+    for index, width in enumerate(widths):
+        model.add(keras.layers.Conv2D(width, 3, padding="same", use_bias=False))
+        model.add(keras.layers.BatchNormalization())
+        model.add(keras.layers.ReLU())
+        if pool_after(index):
+            model.add(keras.layers.MaxPooling2D())
+    model.add(keras.layers.GlobalAveragePooling2D())
+    model.add(keras.layers.Dense(classes))
+    return model
+
+
+def cifar_cnn(
+    classes=10,
+    widths=(64, 128, 256, 512),
+    pool_first=True,
+    normalize=True,
+    name="cnn4",
+):
+    """The CIFAR network: conv-bn-relu blocks, then a linear classifier.
+
+    With the defaults, the network of `examples/cifar.py`: input
+    normalization, four blocks each followed by 2x2 max pooling, global
+    average pooling and a linear layer. `pool_first=False, normalize=False,
+    name="cifar4"` gives the one `benchmarks/speed.py` times (no pooling
+    after the first block: four times the FLOPs in the second).
+
+    Args:
+        classes: number of classes (logits).
+        widths: filters of each convolution.
+        pool_first: max-pool after the first block too.
+        normalize: begin with a `keras.layers.Normalization` by
+            `CIFAR_MEAN` and `CIFAR_STD`, for images in [0, 255].
+        name: the model's name.
+
+    Returns:
+        A `keras.Sequential` taking 32x32x3 images.
+    """
+    _check_classes(classes)
+    _check_widths(widths)
+    model = keras.Sequential([keras.Input((32, 32, 3))], name=name)
+    if normalize:
+        model.add(
+            keras.layers.Normalization(
+                mean=CIFAR_MEAN, variance=np.square(CIFAR_STD).tolist()
+            )
+        )
+    return _conv_blocks(
+        model, widths, lambda index: pool_first or index > 0, classes
+    )
+
+
+def digits_cnn(input_shape=(8, 8, 1), classes=10, widths=(32, 64, 64)):
+    """The quickstart's network: conv-bn-relu blocks (2x2 max pooling
+    after the second), then a linear classifier on global average pooling.
+
+    Args:
+        input_shape: shape of one image.
+        classes: number of classes (logits).
+        widths: filters of each convolution.
+
+    Returns:
+        A `keras.Sequential` named `"backbone"`.
+    """
+    _check_classes(classes)
+    _check_widths(widths)
+    model = keras.Sequential([keras.Input(input_shape)], name="backbone")
+    return _conv_blocks(model, widths, lambda index: index == 1, classes)
+
+
+def vgg16(classes=1000):
+    """The VGG-16 layout at 224x224: 13 3x3 convolutions with bias and
+    ReLU in five stages, each stage ending in 2x2 max pooling, then three
+    dense layers (4096, 4096, `classes` logits). No batch normalization.
+
+    Args:
+        classes: number of classes (logits).
+
+    Returns:
+        A `keras.Sequential` named `"vgg16"`.
+    """
+    _check_classes(classes)
+    model = keras.Sequential([keras.Input((224, 224, 3))], name="vgg16")
+    for width, convolutions in VGG16_STAGES:
+        for _ in range(convolutions):
+            model.add(
+                keras.layers.Conv2D(width, 3, padding="same", activation="relu")
+            )
+        model.add(keras.layers.MaxPooling2D())
+    model.add(keras.layers.Flatten())
+    model.add(keras.layers.Dense(4096, activation="relu"))
+    model.add(keras.layers.Dense(4096, activation="relu"))
+    model.add(keras.layers.Dense(classes))
+    return model
