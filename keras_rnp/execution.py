@@ -54,7 +54,9 @@ def forward(plan, decision, images, choose, mode=MASKED, training=False):
         action = choose(t, q)
         taken.append(action)
         if mode == MASKED:
-            x = unit.call_masked(x, action, training=training)
+            x = unit.call_masked(
+                x, action, previous_action=previous, training=training
+            )
         else:
             head = plan if t == last else None
             x = _run_sliced(unit, x, previous, action, head, mode)

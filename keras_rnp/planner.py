@@ -222,13 +222,15 @@ class Plan:
         )
 
 
-def plan_chain(model, groups, gate_first=False):
+def plan_chain(model, groups, gate_first=False, width_aware=False):
     """Reads a chain CNN and cuts it into gated units.
 
     Args:
         model: a built Sequential or functional chain of supported layers.
         groups: channel groups per gated convolution.
         gate_first: also gate the first convolution.
+        width_aware: give the batch norms of units with a gated input one
+            set of statistics per input width (see `GatedConv2D`).
 
     Returns:
         A `Plan` whose layers are the model's own layer objects.
@@ -317,7 +319,9 @@ def plan_chain(model, groups, gate_first=False):
     gated_units = []
     for t, (conv, tail) in enumerate(units):
         # Only the first gated convolution can read an ungated input.
-        unit = GatedConv2D(conv, tail, groups=groups, in_gated=t > 0)
+        unit = GatedConv2D(
+            conv, tail, groups=groups, in_gated=t > 0, width_aware=width_aware
+        )
         unit.build(conv.input.shape)
         gated_units.append(unit)
     return Plan(

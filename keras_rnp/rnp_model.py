@@ -81,6 +81,11 @@ class RNPModel(RNPTrainer, keras.Model):
         seed: seed of the exploration's random numbers (None draws one
             from NumPy's global generator, which `keras.utils.set_random_seed`
             seeds).
+        width_aware_bn: give each batch norm inside a gated unit one set
+            of statistics per input width (the previous gated layer's
+            action), so that every width is normalised with its own
+            statistics in training, inference and the exports; False (the
+            paper) shares one set across widths.
         **kwargs: base `keras.Model` arguments (`name`, ...).
 
     Example:
@@ -112,6 +117,7 @@ class RNPModel(RNPTrainer, keras.Model):
         gate_first=False,
         alpha_momentum=0.99,
         seed=None,
+        width_aware_bn=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -135,13 +141,22 @@ class RNPModel(RNPTrainer, keras.Model):
         self.hidden_units = int(hidden_units)
         self.gate_first = bool(gate_first)
         self.alpha_momentum = float(alpha_momentum)
+        self.width_aware_bn = bool(width_aware_bn)
         if seed is None:
             # Drawn from NumPy's global generator, which
             # keras.utils.set_random_seed seeds; kept in the config.
             seed = int(np.random.randint(0, 2**31 - 1))
         self.seed = seed
 
-        self._plan = planner.plan_chain(backbone, self.groups, self.gate_first)
+        self._plan = planner.plan_chain(
+            backbone, self.groups, self.gate_first, self.width_aware_bn
+        )
+        # Per-width batch-norm statistics (tracked here, so saved).
+        self.width_norms = [
+            norm
+            for unit in self._plan.units
+            for norm in unit.width_norms.values()
+        ]
         in_channels = [unit.in_channels for unit in self._plan.units]
         self.decision = DecisionNetwork(
             in_channels,
@@ -487,4 +502,5 @@ _ARGUMENTS = (
     "gate_first",
     "alpha_momentum",
     "seed",
+    "width_aware_bn",
 )

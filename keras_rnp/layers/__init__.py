@@ -4,10 +4,13 @@
   of its channel groups (masked for training, sliced for inference).
 - `GatedHead`: the classifier head, reading only the active channels.
 - `DecisionNetwork`: the recurrent Q-network that chooses the groups.
+- `WidthBatchNorm`: batch-norm statistics per input width, for a gated
+  unit's batch norms.
 """
 
 from keras_rnp.layers.decision_network import DecisionNetwork
 from keras_rnp.layers.gated_conv2d import GatedConv2D
 from keras_rnp.layers.gated_head import GatedHead
+from keras_rnp.layers.width_batch_norm import WidthBatchNorm
 
-__all__ = ["DecisionNetwork", "GatedConv2D", "GatedHead"]
+__all__ = ["DecisionNetwork", "GatedConv2D", "GatedHead", "WidthBatchNorm"]

@@ -10,6 +10,7 @@ import keras
 import tensorflow as tf
 
 from keras_rnp import flops as flops_lib
+from keras_rnp.layers.width_batch_norm import WidthBatchNorm
 
 _L = keras.layers
 
@@ -33,12 +34,18 @@ class GatedConv2D(keras.layers.Layer):
         in_gated: whether the input comes from another gated unit, so that
             only its first `a_{t-1}` of `k` input groups are active (and
             the convolution reads only those when sliced).
+        width_aware: for a unit whose input is gated, give each batch norm
+            of the tail one set of statistics per input width (the
+            previous action; see `WidthBatchNorm`), instead of one set for
+            all widths.
         **kwargs: base `keras.layers.Layer` arguments.
 
     Call arguments:
         inputs: `[B, H, W, C_in]` feature map; channels that a previous
             gated unit skipped are already 0.
         action: `[B]` int tensor in `1..groups`, the groups to keep.
+        previous_action: `[B]` int tensor, the previous gated layer's
+            action (the input width); needed by width-aware batch norm.
         training: passed to batch norm and dropout.
 
     Output shape:
@@ -58,7 +65,15 @@ class GatedConv2D(keras.layers.Layer):
     ```
     """
 
-    def __init__(self, conv, tail=(), groups=4, in_gated=False, **kwargs):
+    def __init__(
+        self,
+        conv,
+        tail=(),
+        groups=4,
+        in_gated=False,
+        width_aware=False,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if isinstance(conv, dict):
             conv = keras.saving.deserialize_keras_object(conv)
@@ -86,7 +101,10 @@ class GatedConv2D(keras.layers.Layer):
         self.tail = list(tail)
         self.groups = groups
         self.in_gated = bool(in_gated)
+        self.width_aware = bool(width_aware)
         self.out_channels = conv.filters
+        # Width-aware statistics for the tail's batch norms, by position.
+        self.width_norms = {}
         self.in_channels = None
         self.full_flops = None
         self.unit_output_shape = None
@@ -101,6 +119,14 @@ class GatedConv2D(keras.layers.Layer):
                 layer.build(out)
             out = layer.compute_output_shape(out)
         self._describe(shape)
+        if self.width_aware and self.in_gated:
+            for i, layer in enumerate(self.tail):
+                if isinstance(layer, _L.BatchNormalization):
+                    self.width_norms[str(i)] = WidthBatchNorm(
+                        self.groups,
+                        layer.moving_mean.shape[0],
+                        name=f"{layer.name}_widths",
+                    )
         self.built = True
 
     def _describe(self, input_shape):
@@ -136,24 +162,37 @@ class GatedConv2D(keras.layers.Layer):
         )
         return mask[:, None, None, :]
 
-    def call(self, inputs, action, training=False):
-        return self.call_masked(inputs, action, training=training)
+    def call(self, inputs, action, previous_action=None, training=False):
+        return self.call_masked(
+            inputs, action, previous_action=previous_action, training=training
+        )
 
-    def call_masked(self, x, action, training=False):
+    def call_masked(self, x, action, previous_action=None, training=False):
         """Runs the full unit, then zeroes the skipped channel groups.
 
         Args:
             x: `[B, H, W, C_in]` input; its skipped channels are already 0.
             action: `[B]` int tensor, the number of groups to keep per image.
+            previous_action: `[B]` int tensor, the input width of each
+                image (required with width-aware batch norm).
             training: passed to batch norm and dropout.
 
         Returns:
             `[B, H', W', C_out]`, with channels past `action * C_out / k`
             exactly 0 in every image.
         """
+        if self.width_norms and previous_action is None:
+            raise ValueError(
+                "GatedConv2D with width-aware batch norm needs each image's "
+                "previous_action. Received: previous_action=None."
+            )
         y = self.conv(x)
-        for layer in self.tail:
-            y = layer(y, training=training)
+        for i, layer in enumerate(self.tail):
+            norm = self.width_norms.get(str(i))
+            if norm is None:
+                y = layer(y, training=training)
+            else:
+                y = norm.normalize(y, layer, previous_action, training)
         return y * tf.cast(self.channel_mask(action), y.dtype)
 
     def call_sliced(self, x, in_active, out_active):
@@ -186,10 +225,20 @@ class GatedConv2D(keras.layers.Layer):
         if (in_active, out_active) != tuple(kernel.shape[2:]):
             kernel = kernel[:, :, :in_active, :out_active]
             bias = None if bias is None else bias[:out_active]
-        tail = list(self.tail)
+        width = self.groups
+        if self.in_gated:
+            width = in_active // (self.in_channels // self.groups)
+
+        def affine(i, layer):
+            norm = self.width_norms.get(str(i))
+            if norm is None:
+                return batch_norm_affine(layer, out_active)
+            return norm.affine(layer, width, out_active)
+
+        tail = list(enumerate(self.tail))
         linear = activation_name(conv) == "linear"
-        if linear and tail and isinstance(tail[0], _L.BatchNormalization):
-            scale, offset = batch_norm_affine(tail.pop(0), out_active)
+        if linear and tail and isinstance(tail[0][1], _L.BatchNormalization):
+            scale, offset = affine(*tail.pop(0))
             kernel = kernel * scale
             bias = offset if bias is None else bias * scale + offset
         y = tf.nn.conv2d(
@@ -202,9 +251,9 @@ class GatedConv2D(keras.layers.Layer):
         if bias is not None:
             y = tf.nn.bias_add(y, bias)
         y = conv.activation(y)
-        for layer in tail:
+        for i, layer in tail:
             if isinstance(layer, _L.BatchNormalization):
-                scale, offset = batch_norm_affine(layer, out_active)
+                scale, offset = affine(i, layer)
                 y = y * scale + offset
             elif not isinstance(layer, _L.Dropout):
                 y = layer(y, training=False)
@@ -220,6 +269,7 @@ class GatedConv2D(keras.layers.Layer):
             ],
             "groups": self.groups,
             "in_gated": self.in_gated,
+            "width_aware": self.width_aware,
         }
 
 

@@ -1,0 +1,157 @@
+"""WidthBatchNorm: batch-norm statistics kept per input width.
+
+Inside a gated unit, the feature map a batch norm sees depends on how many
+input channel groups the previous gated layer left active: a network that
+runs at several widths with one set of statistics normalises each width
+with the others' (Slimmable networks, Yu et al., ICLR 2019). This keeps
+one set of moving statistics per previous action; the batch norm's own
+set serves the full width, so the plain network (`strip()`) keeps its
+full-width statistics.
+"""
+
+import keras
+import tensorflow as tf
+
+
+@keras.saving.register_keras_serializable(package="keras_rnp")
+class WidthBatchNorm(keras.layers.Layer):
+    """Moving statistics of a batch norm for input widths `1..groups - 1`.
+
+    The batch norm itself (its `gamma`, `beta`, `epsilon`, `momentum`, and
+    its moving statistics for the full width `groups`) is passed to each
+    call: this layer holds only the extra statistics.
+
+    Args:
+        groups: channel groups `k` of the previous gated layer.
+        channels: channels the batch norm normalises.
+        **kwargs: base `keras.layers.Layer` arguments.
+    """
+
+    def __init__(self, groups, channels, **kwargs):
+        super().__init__(**kwargs)
+        self.groups = int(groups)
+        self.channels = int(channels)
+        shape = (self.groups - 1, self.channels)
+        self.moving_mean = self.add_weight(
+            shape=shape,
+            initializer="zeros",
+            trainable=False,
+            autocast=False,
+            aggregation="mean",
+            name="moving_mean",
+        )
+        self.moving_variance = self.add_weight(
+            shape=shape,
+            initializer="ones",
+            trainable=False,
+            autocast=False,
+            aggregation="mean",
+            name="moving_variance",
+        )
+        self.built = True
+
+    def statistics(self, batch_norm):
+        """`[k, C]` moving means and variances, width 1 first; the last
+        row is the batch norm's own (full-width) set."""
+        mean = tf.concat([self.moving_mean, batch_norm.moving_mean[None]], 0)
+        variance = tf.concat(
+            [self.moving_variance, batch_norm.moving_variance[None]], 0
+        )
+        return mean, variance
+
+    def normalize(self, y, batch_norm, width, training=False):
+        """Batch norm of `y` with each image's input-width statistics.
+
+        Args:
+            y: `[B, ..., C]` feature map.
+            batch_norm: the `keras.layers.BatchNormalization` it replaces.
+            width: `[B]` int, each image's previous action in `1..k`.
+            training: normalise with the batch statistics of each width
+                group (and update that group's moving statistics), as a
+                batch norm does in training; else the moving statistics.
+
+        Returns:
+            The normalised `y`, in its dtype.
+        """
+        dtype = y.dtype
+        y = tf.cast(y, tf.float32)
+        index = tf.cast(width, tf.int32) - 1
+        mean, variance = self.statistics(batch_norm)
+        if training and batch_norm.trainable:
+            mean, variance = self._batch_statistics(y, index, batch_norm)
+        image_mean = _per_image(tf.gather(mean, index), y)
+        image_variance = _per_image(tf.gather(variance, index), y)
+        out = (y - image_mean) * tf.math.rsqrt(
+            image_variance + batch_norm.epsilon
+        )
+        if batch_norm.scale:
+            out = out * batch_norm.gamma
+        if batch_norm.center:
+            out = out + batch_norm.beta
+        return tf.cast(out, dtype)
+
+    def _batch_statistics(self, y, index, batch_norm):
+        """Mean and variance of each width group in the batch, `[k, C]`;
+        updates the moving statistics of the groups present."""
+        axes = list(range(1, y.shape.rank - 1))
+        positions = tf.cast(tf.reduce_prod(tf.shape(y)[1:-1]), tf.float32)
+        ones = tf.ones_like(index, tf.float32)
+        count = tf.math.unsorted_segment_sum(ones, index, self.groups)
+        count = count * positions
+        divisor = tf.maximum(count, 1.0)[:, None]
+        sums = tf.math.unsorted_segment_sum(
+            tf.reduce_sum(y, axes), index, self.groups
+        )
+        mean = sums / divisor
+        centred = y - _per_image(tf.gather(mean, index), y)
+        squares = tf.math.unsorted_segment_sum(
+            tf.reduce_sum(tf.square(centred), axes), index, self.groups
+        )
+        variance = squares / divisor
+        present = (count > 0)[:, None]
+        momentum = batch_norm.momentum
+        old_mean, old_variance = self.statistics(batch_norm)
+        new_mean = tf.where(
+            present,
+            old_mean * momentum + tf.stop_gradient(mean) * (1 - momentum),
+            old_mean,
+        )
+        new_variance = tf.where(
+            present,
+            old_variance * momentum
+            + tf.stop_gradient(variance) * (1 - momentum),
+            old_variance,
+        )
+        self.moving_mean.assign(new_mean[:-1])
+        self.moving_variance.assign(new_variance[:-1])
+        batch_norm.moving_mean.assign(new_mean[-1])
+        batch_norm.moving_variance.assign(new_variance[-1])
+        return mean, variance
+
+    def affine(self, batch_norm, width, channels):
+        """Inference batch norm at input width `width` (a Python int) on
+        the first `channels`, as `y * scale + offset`."""
+        mean, variance = self.statistics(batch_norm)
+        mean = mean[width - 1, :channels]
+        scale = tf.math.rsqrt(
+            variance[width - 1, :channels] + batch_norm.epsilon
+        )
+        if batch_norm.scale:
+            scale = scale * batch_norm.gamma[:channels]
+        offset = -mean * scale
+        if batch_norm.center:
+            offset = offset + batch_norm.beta[:channels]
+        return scale, offset
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "groups": self.groups,
+            "channels": self.channels,
+        }
+
+
+def _per_image(values, like):
+    """`[B, C]` values broadcast against a `[B, ..., C]` tensor."""
+    shape = [-1] + [1] * (like.shape.rank - 2) + [values.shape[-1]]
+    return tf.reshape(values, shape)
