@@ -105,6 +105,28 @@ def explore(greedy, epsilon, groups, seed, step, layer):
     return tf.where(draw < epsilon, random, greedy)
 
 
+def random_actions(batch, layers, groups, seed, step, stream):
+    """`[batch, layers]` actions drawn uniformly from `1..groups`.
+
+    Stateless, keyed by (seed, step, stream, layer, replica) like
+    `explore`: `stream` tells apart several draws in one step.
+    """
+    return tf.stack(
+        [
+            explore(
+                tf.fill([batch], groups),
+                1.0,
+                groups,
+                seed,
+                step,
+                layer=(stream + 1) * 1000 + t,
+            )
+            for t in range(layers)
+        ],
+        axis=1,
+    )
+
+
 def linearly_decaying_epsilon(step, decay_steps, start=1.0, end=0.1):
     """Epsilon for epsilon-greedy exploration at a decision-training step.
 

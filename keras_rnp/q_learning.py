@@ -93,6 +93,26 @@ def alpha(loss_mean):
     return 1.0 / tf.maximum(loss_mean, 1e-6)
 
 
+def soft_cross_entropy(teacher, student, from_logits):
+    """`H(teacher, student)` per image, the teacher held constant.
+
+    Args:
+        teacher: `[B, classes]` the teacher's outputs.
+        student: `[B, classes]` the student's outputs.
+        from_logits: whether the outputs are logits (else probabilities).
+
+    Returns:
+        `[B]` float32: `-sum_c p_teacher(c) log p_student(c)`.
+    """
+    if from_logits:
+        teacher = tf.nn.softmax(teacher)
+        log_student = tf.nn.log_softmax(student)
+    else:
+        log_student = tf.math.log(tf.maximum(student, 1e-7))
+    teacher = tf.stop_gradient(tf.cast(teacher, tf.float32))
+    return -tf.reduce_sum(teacher * tf.cast(log_student, tf.float32), axis=-1)
+
+
 def distillation_per_image(
     hard, full_hard, student, teacher, weight, from_logits
 ):
@@ -102,7 +122,7 @@ def distillation_per_image(
     d H(full, path)`; given `L(y, path)` separately, this returns the rest:
     `L(y, full) + d (H(full, path) - L(y, path))`, where `H` is the
     cross-entropy of the path's prediction against the full network's,
-    which is held constant.
+    which is held constant (`soft_cross_entropy`).
 
     Args:
         hard: `[B]` the path's loss on the labels, `L(y, path)`.
@@ -115,13 +135,7 @@ def distillation_per_image(
     Returns:
         `[B]` float32.
     """
-    if from_logits:
-        teacher = tf.nn.softmax(teacher)
-        log_student = tf.nn.log_softmax(student)
-    else:
-        log_student = tf.math.log(tf.maximum(student, 1e-7))
-    teacher = tf.stop_gradient(tf.cast(teacher, tf.float32))
-    soft = -tf.reduce_sum(teacher * tf.cast(log_student, tf.float32), axis=-1)
+    soft = soft_cross_entropy(teacher, student, from_logits)
     hard = tf.cast(hard, tf.float32)
     return tf.cast(full_hard, tf.float32) + weight * (soft - hard)
 

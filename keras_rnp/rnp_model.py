@@ -86,6 +86,15 @@ class RNPModel(RNPTrainer, keras.Model):
             action), so that every width is normalised with its own
             statistics in training, inference and the exports; False (the
             paper) shares one set across widths.
+        sandwich_paths: supernet training in the fine-tuning steps, the
+            sandwich rule of slimmable networks: with `n > 0` each step
+            trains the full path on the labels and `n` narrower paths
+            (the narrowest, one group everywhere, and `n - 1` drawn at
+            random per image and layer) on the full path's predictions,
+            in one update, about `n + 1` times the work of a plain step.
+            With `decision_steps=0` this is a supernet stage that trains
+            every width before the decision network. 0 (the paper)
+            fine-tunes the path the decision network takes.
         **kwargs: base `keras.Model` arguments (`name`, ...).
 
     Example:
@@ -118,6 +127,7 @@ class RNPModel(RNPTrainer, keras.Model):
         alpha_momentum=0.99,
         seed=None,
         width_aware_bn=False,
+        sandwich_paths=0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -142,6 +152,7 @@ class RNPModel(RNPTrainer, keras.Model):
         self.gate_first = bool(gate_first)
         self.alpha_momentum = float(alpha_momentum)
         self.width_aware_bn = bool(width_aware_bn)
+        self.sandwich_paths = int(sandwich_paths)
         if seed is None:
             # Drawn from NumPy's global generator, which
             # keras.utils.set_random_seed seeds; kept in the config.
@@ -503,4 +514,5 @@ _ARGUMENTS = (
     "alpha_momentum",
     "seed",
     "width_aware_bn",
+    "sandwich_paths",
 )

@@ -16,6 +16,7 @@ import tensorflow as tf
 from keras_rnp import execution
 from keras_rnp import q_learning
 from keras_rnp.policy import linearly_decaying_epsilon
+from keras_rnp.policy import random_actions
 
 PHASES = ("decision", "backbone")
 
@@ -212,6 +213,8 @@ class RNPTrainer:
 
     def _backbone_step(self, x, y, sample_weight):
         """One fine-tuning update of the backbone under the decisions."""
+        if self.sandwich_paths:
+            return self._sandwich_step(x, y, sample_weight)
         epsilon = self.backbone_epsilon or None
         with tf.GradientTape() as tape:
             logits, actions, _ = self.forward(x, epsilon=epsilon, training=True)
@@ -226,6 +229,43 @@ class RNPTrainer:
         gradients = tape.gradient(scaled, variables)
         self.optimizer.apply(gradients, variables)
         self._update_metrics(x, y, logits, actions, sample_weight, loss)
+        return tf.constant(0)
+
+    def _sandwich_step(self, x, y, sample_weight):
+        """One supernet update of the backbone (the sandwich rule).
+
+        The full path learns from the labels; the narrowest path (one
+        group everywhere) and `sandwich_paths - 1` paths drawn at random
+        per image and layer learn from the full path's predictions, held
+        constant (in-place distillation). One optimizer update for the sum.
+        """
+        batch = tf.shape(x)[0]
+        layers, groups = self.num_gated_layers, self.groups
+        full_actions = tf.fill([batch, layers], groups)
+        paths = [tf.fill([batch, layers], 1)] + [
+            random_actions(
+                batch, layers, groups, self.seed, self.step_counter, stream
+            )
+            for stream in range(self.sandwich_paths - 1)
+        ]
+        from_logits = not self.ends_in_softmax
+        with tf.GradientTape() as tape:
+            full, _, _ = self.forward(x, actions=full_actions, training=True)
+            loss = self._loss(x, y, full, sample_weight, training=True)
+            extra = 0.0
+            for actions in paths:
+                logits, _, _ = self.forward(x, actions=actions, training=True)
+                soft = q_learning.soft_cross_entropy(full, logits, from_logits)
+                if sample_weight is not None:
+                    soft *= tf.cast(tf.reshape(sample_weight, [-1]), tf.float32)
+                extra += tf.reduce_mean(soft)
+            # As compute_loss does: divided among the replicas.
+            total = loss + tf.cast(extra / _num_replicas(), loss.dtype)
+            scaled = self.optimizer.scale_loss(total)
+        variables = self.backbone.trainable_variables
+        gradients = tape.gradient(scaled, variables)
+        self.optimizer.apply(gradients, variables)
+        self._update_metrics(x, y, full, full_actions, sample_weight, loss)
         return tf.constant(0)
 
     def _distillation_loss(self, x, y, logits, sample_weight, dtype):

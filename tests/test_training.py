@@ -10,6 +10,7 @@ import tensorflow as tf
 from helpers import small_cnn
 
 import keras_rnp
+from keras_rnp import policy
 
 
 def data(n=32, seed=0):
@@ -338,3 +339,91 @@ def test_restoring_best_weights_keeps_the_training_progress():
     for variable, b, r in zip(rnp.weights, best, restored, strict=True):
         if id(variable) not in progress:
             np.testing.assert_array_equal(b, r)
+
+
+@pytest.mark.parametrize("width_aware_bn", [False, True])
+def test_sandwich_step_minimizes_full_plus_distilled_narrow_paths(
+    width_aware_bn,
+):
+    x, y = data(16)
+    rnp = keras_rnp.wrap(
+        small_cnn(),
+        groups=4,
+        gate_first=True,
+        decision_steps=0,
+        sandwich_paths=2,
+        width_aware_bn=width_aware_bn,
+        seed=3,
+    )
+    for layer in rnp.backbone.layers:
+        if isinstance(layer, keras.layers.Dropout):
+            layer.rate = 0.0  # A deterministic forward pass to compare.
+    rnp.compile(optimizer=keras.optimizers.SGD(1.0))
+    variables = rnp.backbone.trainable_variables
+    before = weights(variables)
+    # The reference: full path on the labels, the narrowest path and one
+    # random path (the draw of step 0) on the full path's predictions.
+    full_actions = np.full((16, 3), 4)
+    random = policy.random_actions(16, 3, 4, rnp.seed, 0, stream=0)
+    assert len(np.unique(random.numpy())) == 4
+    labels = keras.ops.sparse_categorical_crossentropy
+    with tf.GradientTape() as tape:
+        full, _, _ = rnp.forward(x, actions=full_actions, training=True)
+        teacher = tf.stop_gradient(tf.nn.softmax(full))
+        objective = tf.reduce_mean(labels(y, full, from_logits=True))
+        for actions in (np.ones((16, 3), "int32"), random):
+            path, _, _ = rnp.forward(x, actions=actions, training=True)
+            objective -= tf.reduce_mean(
+                tf.reduce_sum(teacher * tf.nn.log_softmax(path), axis=-1)
+            )
+    gradients = tape.gradient(objective, variables)
+    full_loss = float(tf.reduce_mean(labels(y, full, from_logits=True)))
+    for variable, value in zip(variables, before, strict=True):
+        variable.assign(value)
+    # Random paths are drawn per position in the batch: keep the order.
+    logs = rnp.fit(
+        x, y, batch_size=16, epochs=1, shuffle=False, verbose=0
+    ).history
+    for variable, value, gradient in zip(
+        variables, before, gradients, strict=True
+    ):
+        np.testing.assert_allclose(
+            variable.numpy(), value - gradient.numpy(), atol=2e-5
+        )
+    assert logs["loss"][0] == pytest.approx(full_loss, rel=1e-5)
+    # The full path's FLOPs (and the decision network's, which run() counts).
+    full_ratio = 1.0 + rnp.decision_flops / rnp.full_flops
+    assert logs["flops_ratio"][0] == pytest.approx(full_ratio, rel=1e-6)
+
+
+def test_sandwich_step_updates_every_widths_statistics():
+    x, y = data(32)
+    rnp = keras_rnp.wrap(
+        small_cnn(),
+        groups=4,
+        gate_first=True,
+        decision_steps=0,
+        sandwich_paths=3,
+        width_aware_bn=True,
+        seed=0,
+    )
+    rnp.compile(optimizer=keras.optimizers.SGD(0.01))
+    norms = rnp.width_norms
+    full_stats = [
+        layer.moving_mean
+        for layer in rnp.backbone.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ][1:]
+    narrow_before = [n.moving_mean.numpy().copy() for n in norms]
+    full_before = [v.numpy().copy() for v in full_stats]
+    rnp.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    for norm, old in zip(norms, narrow_before, strict=True):
+        for width in range(3):  # Widths 1-3 (narrowest and random paths).
+            assert not np.allclose(norm.moving_mean[width], old[width])
+    for variable, old in zip(full_stats, full_before, strict=True):
+        assert not np.allclose(variable.numpy(), old)  # Width 4 (full).
+
+
+def test_sandwich_refuses_distillation_on_top():
+    with pytest.raises(ValueError, match="sandwich_paths.*distillation"):
+        keras_rnp.wrap(small_cnn(), sandwich_paths=2, distillation=0.5)
