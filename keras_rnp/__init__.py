@@ -12,6 +12,7 @@ from keras_rnp.report import Report
 from keras_rnp.report import rank_correlation
 from keras_rnp.report import report
 from keras_rnp.rnp_model import RNPModel
+from keras_rnp.wrap import rewrap
 from keras_rnp.wrap import strip
 from keras_rnp.wrap import wrap
 
@@ -29,6 +30,7 @@ __all__ = [
     "linearly_decaying_epsilon",
     "rank_correlation",
     "report",
+    "rewrap",
     "static_pruning",
     "strip",
     "wrap",

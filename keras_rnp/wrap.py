@@ -79,3 +79,58 @@ def strip(rnp):
     model = keras.models.clone_model(rnp.backbone)
     model.set_weights(rnp.backbone.get_weights())
     return model
+
+
+# Arguments that fix an RNPModel's structure (its variables).
+_STRUCTURE = (
+    "groups",
+    "gate_first",
+    "width_aware_bn",
+    "code_dim",
+    "hidden_units",
+)
+
+
+def rewrap(rnp, **kwargs):
+    """A new `RNPModel` with `rnp`'s weights and other training settings.
+
+    The backbone, its per-width batch-norm statistics and the decision
+    network carry over; the training progress (step counters, the loss
+    mean) starts again. Use it to run Algorithm 1 after a supernet stage
+    (`wrap(..., decision_steps=0, sandwich_paths=n)`), once per penalty,
+    without losing what the stage learnt.
+
+    Args:
+        rnp: the `keras_rnp.RNPModel` to start from (left untouched).
+        **kwargs: `RNPModel` arguments to change (penalty, decision_steps,
+            backbone_steps, the epsilon schedule, sandwich_paths, ...).
+            Those that fix the model's structure (groups, gate_first,
+            width_aware_bn, code_dim, hidden_units) cannot change.
+
+    Returns:
+        A new, uncompiled `keras_rnp.RNPModel`.
+
+    Raises:
+        ValueError: if `rnp` is not an `RNPModel`, or a structure argument
+            or an unknown argument is given.
+    """
+    if not isinstance(rnp, RNPModel):
+        raise ValueError(
+            "keras_rnp.rewrap() expects a keras_rnp.RNPModel. Received: "
+            f"{type(rnp).__name__}."
+        )
+    config = rnp.get_config()
+    fixed = sorted(set(kwargs) & set(_STRUCTURE))
+    unknown = sorted(set(kwargs) - set(config) - {"backbone"})
+    if fixed or unknown or "backbone" in kwargs:
+        raise ValueError(
+            "keras_rnp.rewrap() changes training settings only; the "
+            f"structure ({', '.join(_STRUCTURE)}) and the backbone stay. "
+            f"Received: {', '.join(fixed + unknown) or 'backbone'}."
+        )
+    new = RNPModel.from_config({**config, **kwargs})
+    new.backbone.set_weights(rnp.backbone.get_weights())
+    new.decision.set_weights(rnp.decision.get_weights())
+    for target, source in zip(new.width_norms, rnp.width_norms, strict=True):
+        target.set_weights(source.get_weights())
+    return new

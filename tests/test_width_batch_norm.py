@@ -188,3 +188,21 @@ def test_training_updates_the_statistics_of_the_widths_taken():
         now = norm.moving_mean.numpy()
         assert not np.allclose(now[:2], old[:2])  # widths 1 and 2 moved
         np.testing.assert_array_equal(now[2], old[2])  # width 3 did not
+
+
+def test_rewrap_keeps_weights_and_statistics_and_resets_progress():
+    rnp = width_aware_rnp()
+    rnp.step_counter.assign(7)
+    new = keras_rnp.rewrap(rnp, penalty=0.3, decision_steps=5)
+    assert (new.penalty, new.decision_steps) == (0.3, 5)
+    assert new.width_aware_bn and int(new.step_counter.numpy()) == 0
+    x = np.random.default_rng(9).normal(size=(5, 10, 10, 3)).astype("float32")
+    for name in ("logits", "actions", "q_values"):
+        np.testing.assert_allclose(
+            new.run(x)[name], rnp.run(x)[name], rtol=1e-6, atol=1e-6
+        )
+    assert new.backbone is not rnp.backbone
+    with pytest.raises(ValueError, match="structure.*Received: groups"):
+        keras_rnp.rewrap(rnp, groups=2)
+    with pytest.raises(ValueError, match="Received: nonsense"):
+        keras_rnp.rewrap(rnp, nonsense=1)
