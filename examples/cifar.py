@@ -137,6 +137,19 @@ class Config:
         "penalties. Static pruning fine-tunes as many more steps.",
         lower_bound=0,
     )
+    width_aware_bn: bool = setting(
+        False,
+        "Batch norms inside gated units keep one set of statistics per "
+        "input width (see keras_rnp.wrap); the warm-up's statistics carry "
+        "over to every penalty's model.",
+    )
+    sandwich_paths: int = setting(
+        0,
+        "Train the warm-up as a supernet: each step trains the full path on "
+        "the labels and this many narrower paths (the narrowest, the rest "
+        "random) on its predictions. 0: random actions, one path a step.",
+        lower_bound=0,
+    )
     finetune_lr: float = setting(0.01, "SGD learning rate of fine-tuning.")
     static_speedups: tuple = setting(
         (2.0, 3.0, 4.0, 6.0, 8.0), "Static pruning.", item=float, minimum=1.0
@@ -348,10 +361,31 @@ def _rnp_updates(config):
 
 
 def _backbone_updates(config):
-    """Backbone updates of RNP training, warm-up included; static pruning
-    fine-tunes for as many."""
+    """Backbone training passes of RNP, in batches, warm-up included
+    (every path of a sandwich step and the full network of a distillation
+    step counted); static pruning fine-tunes for as many steps."""
     warmup = config.warmup_epochs * _steps_per_epoch(config)
-    return warmup + _rnp_updates(config)
+    warmup_paths = 1 + config.sandwich_paths
+    rnp_paths = 2 if config.distillation else 1
+    if not config.sandwich_paths and config.distillation:
+        warmup_paths = 2
+    return warmup * warmup_paths + _rnp_updates(config) * rnp_paths
+
+
+def image_passes(config):
+    """Training image-passes (forward and backward) of each side, for the
+    fair-protocol line of the results: RNP's warm-up and Algorithm 1's
+    fine-tuning against each static model's fine-tuning, and the forward
+    passes of Algorithm 1's decision steps apart."""
+    batch = config.batch_size
+    decision, _ = phase_counts(
+        _rnp_steps(config), config.decision_steps, config.backbone_steps
+    )
+    return {
+        "rnp_backbone": _backbone_updates(config) * batch,
+        "rnp_decision_forward": decision * batch,
+        "static_per_model": _backbone_updates(config) * batch,
+    }
 
 
 def _finetune_optimizer(config, steps):
@@ -373,27 +407,35 @@ def rnp_name(penalty):
     return f"rnp_p{penalty:g}"
 
 
-def _rnp_backbone(config, train):
-    """The backbone Algorithm 1 starts from: `backbone.keras` with its
-    filters sorted by L1 norm (`--sort_filters`), then fine-tuned under
-    random actions for `--warmup_epochs` (saved as `warmup.keras`)."""
+def _rnp_start(config, train):
+    """What Algorithm 1 starts from: `backbone.keras` with its filters
+    sorted by L1 norm (`--sort_filters`), then fine-tuned at every width
+    for `--warmup_epochs` (random actions, or a supernet with
+    `--sandwich_paths`). A plain backbone (`warmup.keras`), or, with
+    `--width_aware_bn`, the warm-up's RNP model (`warmup_rnp.keras`), which
+    holds the per-width statistics."""
     backbone = _load(config.path("backbone.keras"), "backbone")
     if config.sort_filters:
         backbone = sort_filters(backbone)
     if not config.warmup_epochs:
         return backbone
-    if config.done("warmup.keras"):
-        return _load(config.path("warmup.keras"), "warmed-up backbone")
-    print("-- warm-up: random widths --", flush=True)
+    name = "warmup_rnp.keras" if config.width_aware_bn else "warmup.keras"
+    if config.done(name):
+        return _load(config.path(name), "warmed-up model")
+    kind = "supernet" if config.sandwich_paths else "random widths"
+    print(f"-- warm-up: {kind} --", flush=True)
     with config.strategy().scope():
-        # No decision steps, and every action drawn uniformly at random.
+        # No decision steps; every action drawn uniformly at random, or
+        # the sandwich rule's paths.
         rnp = keras_rnp.wrap(
             backbone,
             groups=config.groups,
             gate_first=config.gate_first,
             decision_steps=0,
             backbone_epsilon=1.0,
-            distillation=config.distillation,
+            distillation=0.0 if config.sandwich_paths else config.distillation,
+            sandwich_paths=config.sandwich_paths,
+            width_aware_bn=config.width_aware_bn,
             seed=config.seed,
         )
         rnp.compile(
@@ -408,8 +450,11 @@ def _rnp_backbone(config, train):
         callbacks=_callbacks(config, "warmup"),
         verbose=config.verbose,
     )
+    if config.width_aware_bn:
+        rnp.save(config.path(name))
+        return rnp
     backbone = keras_rnp.strip(rnp)
-    io_utils.save_model(backbone, config.path("warmup.keras"))
+    io_utils.save_model(backbone, config.path(name))
     return backbone
 
 
@@ -425,16 +470,26 @@ def train_rnp(config):
         return
     train, _ = data(config, "train", training=True)
     val, _ = data(config, "validation")
-    backbone = _rnp_backbone(config, train)
+    start = _rnp_start(config, train)
     for penalty in todo:
         name = rnp_name(penalty)
         print(f"-- {name} --", flush=True)
         with config.strategy().scope():
-            # wrap() clones the backbone: each penalty starts from it.
-            rnp = keras_rnp.wrap(
-                backbone,
-                groups=config.groups,
-                gate_first=config.gate_first,
+            # Both clone what they start from: each penalty starts afresh.
+            if isinstance(start, keras_rnp.RNPModel):
+                make = keras_rnp.rewrap
+                structure = {}
+            else:
+                make = keras_rnp.wrap
+                structure = dict(
+                    groups=config.groups,
+                    gate_first=config.gate_first,
+                    width_aware_bn=config.width_aware_bn,
+                )
+            rnp = make(
+                start,
+                **structure,
+                sandwich_paths=0,
                 penalty=penalty,
                 penalty_mode=config.penalty_mode,
                 backbone_epsilon=config.backbone_epsilon,
@@ -584,7 +639,15 @@ def evaluate(config):
             }
         )
     results["comparison"] = evaluation.compare(results)
+    results["image_passes"] = image_passes(config)
     print(format_results(results))
+    print(
+        "training image-passes (forward and backward): RNP's backbone "
+        f"{results['image_passes']['rnp_backbone']:,}, each static model "
+        f"{results['image_passes']['static_per_model']:,}; RNP's decision "
+        f"steps also ran {results['image_passes']['rnp_decision_forward']:,} "
+        "forward passes"
+    )
     io_utils.write_json(config.path("results.json"), results)
     with io_utils.atomic_path(config.path("per_image.npz")) as staging:
         with open(staging, "wb") as f:

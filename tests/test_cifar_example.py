@@ -80,21 +80,21 @@ def test_every_step_runs_and_writes_its_results(tmp_path):
         assert row["speedup"] == speedup
         assert row["flops_ratio"] <= 1 / speedup
         assert 0.0 <= row["accuracy"] <= 1.0
-    # Static pruning fine-tunes as many steps as RNP fine-tunes the
-    # backbone: warm-up plus Algorithm 1's N2 share (up to the rounding of
-    # steps into epochs).
+    # Static pruning fine-tunes for as many batch passes as RNP trains the
+    # backbone: warm-up plus Algorithm 1's N2 share, each step two passes
+    # with distillation (the path and the full network), up to the
+    # rounding of steps into epochs.
     per_epoch = cifar._steps_per_epoch(config)
     rnp_updates = cifar._rnp_updates(config)
-    assert cifar._backbone_updates(config) == per_epoch + rnp_updates
+    passes = 2 * (per_epoch + rnp_updates)
+    assert cifar._backbone_updates(config) == passes
+    assert results["image_passes"]["static_per_model"] == passes * 8
+    assert results["image_passes"]["rnp_backbone"] == passes * 8
     rnp = keras.saving.load_model(work_dir / "rnp_p0.1.keras")
     assert int(rnp.optimizer.iterations) == rnp_updates
     assert rnp.distillation == 0.5
     static = keras.saving.load_model(work_dir / "static_2x.keras")
-    assert (
-        0
-        <= int(static.optimizer.iterations) - (per_epoch + rnp_updates)
-        < config.rnp_epochs
-    )
+    assert 0 <= int(static.optimizer.iterations) - passes < config.rnp_epochs
     comparison = results["comparison"]
     assert comparison == evaluation.compare(results)
     assert len(comparison["static"]) == 2
@@ -135,6 +135,48 @@ def test_every_step_runs_and_writes_its_results(tmp_path):
     )
     # No staging leftovers of the atomic writes.
     assert not [p for p in os.listdir(work_dir) if p.startswith(".keras_rnp")]
+
+
+def test_supernet_warmup_with_width_aware_statistics(tmp_path):
+    data_dir = make_image_folder(tmp_path / "data", classes=3, train=12)
+    work_dir = tmp_path / "work"
+    config = cifar.Config(
+        data_dir=data_dir,
+        work_dir=str(work_dir),
+        widths=(4, 16, 32, 32),
+        backbone_epochs=1,
+        rnp_epochs=1,
+        warmup_epochs=1,
+        width_aware_bn=True,
+        sandwich_paths=2,
+        penalties=(0.1,),
+        decision_steps=1,
+        backbone_steps=1,
+        batch_size=8,
+        verbose=0,
+    )
+    config.steps = ["backbone", "rnp"]
+    cifar.run(config)
+    warm = keras.saving.load_model(work_dir / "warmup_rnp.keras")
+    assert warm.sandwich_paths == 2 and warm.width_aware_bn
+    # One warm-up epoch, each batch one update of three paths.
+    per_epoch = cifar._steps_per_epoch(config)
+    assert int(warm.optimizer.iterations) == per_epoch
+    assert cifar._backbone_updates(config) == (
+        per_epoch * 3 + cifar._rnp_updates(config)
+    )
+    rnp = keras.saving.load_model(work_dir / "rnp_p0.1.keras")
+    assert rnp.width_aware_bn and rnp.sandwich_paths == 0
+    # The per-width statistics the warm-up learnt carried over (and moved
+    # on in Algorithm 1's fine-tuning, one width group at a time).
+    fresh = keras_rnp.wrap(
+        keras_rnp.strip(rnp), groups=4, gate_first=True, width_aware_bn=True
+    )
+    for norm, warm_norm, fresh_norm in zip(
+        rnp.width_norms, warm.width_norms, fresh.width_norms, strict=True
+    ):
+        assert not np.allclose(warm_norm.moving_mean, fresh_norm.moving_mean)
+        assert norm.moving_mean.shape == warm_norm.moving_mean.shape
 
 
 @pytest.mark.parametrize("prune_first", [False, True])
