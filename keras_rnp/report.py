@@ -107,15 +107,17 @@ class Report:
         return "\n".join(lines)
 
 
-def report(rnp, dataset, budget=0.0, print_fn=print):
+def report(rnp, dataset, budget=0.0, print_fn=print, batch_size=256):
     """Runs an RNP model on a dataset and tabulates its decisions.
 
     Args:
         rnp: a `keras_rnp.RNPModel`.
-        dataset: batches of images, or of `(images, labels)` (a
-            `tf.data.Dataset` or any iterable of arrays), in a fixed order.
+        dataset: what `evaluate` and `predict` take: an array of images,
+            an `(images, labels)` tuple of arrays, or batches of either (a
+            `tf.data.Dataset` or any iterable), in a fixed order.
         budget: the run-time budget (see `RNPModel.run`).
         print_fn: called with the table; None prints nothing.
+        batch_size: batch size for arrays (batched datasets keep theirs).
 
     Returns:
         A `Report`: the per-layer table as data, and per-image actions,
@@ -127,7 +129,7 @@ def report(rnp, dataset, budget=0.0, print_fn=print):
             f"keras_rnp.wrap). Received: {type(rnp).__name__}."
         )
     actions, flops, logits, labels = [], [], [], []
-    for batch in dataset:
+    for batch in _batches(dataset, rnp.image_shape, batch_size):
         if isinstance(batch, (tuple, list)):
             images, batch_labels = batch[0], batch[1]
             labels.append(np.asarray(batch_labels).reshape(-1))
@@ -186,6 +188,42 @@ def report(rnp, dataset, budget=0.0, print_fn=print):
     if print_fn is not None:
         print_fn(result.table())
     return result
+
+
+def _batches(dataset, image_shape, batch_size):
+    """Batches of images or `(images, labels)` from what `predict` or
+    `evaluate` would take; a clear error for anything else."""
+    if isinstance(dataset, (tuple, list)) and len(dataset) == 2:
+        images, labels = (np.asarray(part) for part in dataset)
+        if images.ndim == len(image_shape) + 1:
+            if len(images) != len(labels):
+                raise ValueError(
+                    "keras_rnp.report() expects as many labels as images. "
+                    f"Received: {len(images)} images, {len(labels)} labels."
+                )
+            return [
+                (images[i : i + batch_size], labels[i : i + batch_size])
+                for i in range(0, len(images), batch_size)
+            ]
+    if isinstance(dataset, np.ndarray) or hasattr(dataset, "numpy"):
+        images = np.asarray(dataset)
+        if images.ndim != len(image_shape) + 1:
+            raise ValueError(
+                "keras_rnp.report() expects images of shape "
+                f"{(None, *image_shape)}, (images, labels), or a dataset of "
+                f"batches. Received: an array of shape {images.shape}."
+            )
+        return [
+            images[i : i + batch_size]
+            for i in range(0, len(images), batch_size)
+        ]
+    if not hasattr(dataset, "__iter__"):
+        raise ValueError(
+            "keras_rnp.report() expects images, (images, labels) or a "
+            "dataset of batches. Received: "
+            f"{type(dataset).__name__}."
+        )
+    return dataset
 
 
 def _ranks(x):

@@ -72,8 +72,20 @@ def check_images(images, image_shape, dtype):
     """Images as a float tensor of `dtype`; a clear error for the wrong
     rank, size, channels or dtype (dimensions unknown while tracing pass).
     """
-    images = tf.convert_to_tensor(images)
     expected = (None, *image_shape)
+    pair = (
+        isinstance(images, tuple)
+        and len(images) == 2
+        and np.ndim(images[0]) != np.ndim(images[1])
+    )
+    if pair or isinstance(images, (tf.data.Dataset, dict)):
+        raise ValueError(
+            f"Expected a batch of images of shape {expected} (an array or "
+            "a tensor); for a dataset or (images, labels), use "
+            "rnp.predict(), rnp.evaluate() or keras_rnp.report(). "
+            f"Received: {type(images).__name__}."
+        )
+    images = tf.convert_to_tensor(images)
     if images.shape.rank != 4 or any(
         got is not None and got != want
         for got, want in zip(images.shape[1:], expected[1:], strict=True)

@@ -101,3 +101,31 @@ def test_rank_correlation_matches_scipy_with_ties():
     assert keras_rnp.rank_correlation([2, 2, 2], [1, 2, 3]) == 0.0
     with pytest.raises(ValueError, match="1-D arrays"):
         keras_rnp.rank_correlation([1, 2], [1, 2, 3])
+
+
+def test_report_takes_what_evaluate_and_predict_take():
+    rnp = keras_rnp.wrap(small_cnn(), groups=4, seed=0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 10, 10, 3)).astype("float32")
+    y = rng.integers(0, 5, size=7)
+    reference = keras_rnp.report(
+        rnp, tf.data.Dataset.from_tensor_slices((x, y)).batch(3), print_fn=None
+    )
+    pair = keras_rnp.report(rnp, (x, y), batch_size=2, print_fn=None)
+    images = keras_rnp.report(rnp, x, print_fn=None)
+    np.testing.assert_array_equal(pair.actions, reference.actions)
+    np.testing.assert_allclose(pair.losses, reference.losses, rtol=1e-5)
+    np.testing.assert_allclose(images.flops, reference.flops)
+    assert pair.accuracy == reference.accuracy and images.labels is None
+    with pytest.raises(ValueError, match="as many labels as images"):
+        keras_rnp.report(rnp, (x, y[:3]), print_fn=None)
+    with pytest.raises(ValueError, match="Received: an array of shape"):
+        keras_rnp.report(rnp, x[0], print_fn=None)
+
+
+def test_run_refuses_datasets_and_pairs_in_one_line():
+    rnp = keras_rnp.wrap(small_cnn(), groups=4, seed=0)
+    x = np.zeros((2, 10, 10, 3), "float32")
+    for bad in (tf.data.Dataset.from_tensor_slices(x), (x, np.zeros(2))):
+        with pytest.raises(ValueError, match="keras_rnp.report"):
+            rnp.run(bad)
