@@ -150,6 +150,13 @@ class Config:
         "random) on its predictions. 0: random actions, one path a step.",
         lower_bound=0,
     )
+    target_update_steps: int = setting(
+        0,
+        "DQN target network for Q-learning, refreshed every this many "
+        "decision steps (0: none, the paper).",
+        lower_bound=0,
+    )
+    double_dqn: bool = setting(False, "Double DQN targets.")
     finetune_lr: float = setting(0.01, "SGD learning rate of fine-tuning.")
     static_speedups: tuple = setting(
         (2.0, 3.0, 4.0, 6.0, 8.0), "Static pruning.", item=float, minimum=1.0
@@ -490,6 +497,8 @@ def train_rnp(config):
                 start,
                 **structure,
                 sandwich_paths=0,
+                target_update_steps=config.target_update_steps,
+                double_dqn=config.double_dqn,
                 penalty=penalty,
                 penalty_mode=config.penalty_mode,
                 backbone_epsilon=config.backbone_epsilon,

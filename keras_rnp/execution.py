@@ -24,7 +24,15 @@ SLICED_ONNX = "sliced_onnx"
 MODES = (MASKED, SLICED, SLICED_ONNX)
 
 
-def forward(plan, decision, images, choose, mode=MASKED, training=False):
+def forward(
+    plan,
+    decision,
+    images,
+    choose,
+    mode=MASKED,
+    training=False,
+    target_decision=None,
+):
     """Runs a gated network, deciding layer by layer.
 
     Args:
@@ -35,9 +43,12 @@ def forward(plan, decision, images, choose, mode=MASKED, training=False):
             `t`, given its `[B, k]` Q-values (see `keras_rnp.policy`).
         mode: `MASKED`, `SLICED` or `SLICED_ONNX`.
         training: passed to the backbone's layers (masked mode only).
+        target_decision: a second decision network (DQN's target network)
+            to step on the same states, or None.
 
     Returns:
-        `(outputs, actions [B, L] int32, q_values [B, L, k])`.
+        `(outputs, actions [B, L] int32, q_values [B, L, k])`, and the
+        target network's `[B, L, k]` Q-values last when it is given.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}. Received: {mode!r}.")
@@ -45,12 +56,19 @@ def forward(plan, decision, images, choose, mode=MASKED, training=False):
     for layer in plan.pre:
         x = layer(x, training=training)
     state = decision.initial_state(tf.shape(images)[0])
-    taken, q_values = [], []
+    if target_decision is not None:
+        target_state = target_decision.initial_state(tf.shape(images)[0])
+    taken, q_values, target_q_values = [], [], []
     previous = None
     last = len(plan.units) - 1
     for t, unit in enumerate(plan.units):
         q, state = decision.step(t, tf.stop_gradient(x), state)
         q_values.append(q)
+        if target_decision is not None:
+            target_q, target_state = target_decision.step(
+                t, tf.stop_gradient(x), target_state
+            )
+            target_q_values.append(tf.stop_gradient(target_q))
         action = choose(t, q)
         taken.append(action)
         if mode == MASKED:
@@ -63,7 +81,10 @@ def forward(plan, decision, images, choose, mode=MASKED, training=False):
         previous = action
     if mode == MASKED:
         x = plan.head.call(x, training=training)
-    return x, tf.stack(taken, axis=1), tf.stack(q_values, axis=1)
+    outputs = (x, tf.stack(taken, axis=1), tf.stack(q_values, axis=1))
+    if target_decision is not None:
+        outputs += (tf.stack(target_q_values, axis=1),)
+    return outputs
 
 
 def _run_sliced(unit, x, previous, action, head_plan, mode):

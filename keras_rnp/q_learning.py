@@ -38,21 +38,36 @@ def rewards(actions, action_cost, penalty, cls_loss, alpha):
     return charged + final
 
 
-def targets(rewards, q_values, gamma):
+def targets(rewards, q_values, gamma, target_q_values=None, double=False):
     """Q-learning targets, held constant.
 
-    `y_t = r_t + gamma * max_a Q(s_{t+1}, a)` for `t < L`, and `y_L = r_L`
-    (the episode ends after the last gated layer).
+    `y_t = r_t + gamma * V(s_{t+1})` for `t < L`, and `y_L = r_L` (the
+    episode ends after the last gated layer), where
+
+    - `V(s) = max_a Q(s, a)`: the paper's target;
+    - `V(s) = max_a Q'(s, a)` with a target network `Q'` (DQN);
+    - `V(s) = Q'(s, argmax_a Q(s, a))` with `double=True` (Double DQN:
+      the online network chooses the action, the target network values
+      it; `Q' = Q` without a target network).
 
     Args:
         rewards: `[B, L]` rewards.
-        q_values: `[B, L, k]` Q-values of the episode's states.
+        q_values: `[B, L, k]` the online network's Q-values of the
+            episode's states.
         gamma: the discount.
+        target_q_values: `[B, L, k]` the target network's Q-values of the
+            same states, or None.
+        double: Double DQN targets.
 
     Returns:
         `[B, L]` targets, with no gradient.
     """
-    next_values = tf.reduce_max(q_values[:, 1:], axis=-1)
+    evaluator = q_values if target_q_values is None else target_q_values
+    if double:
+        best = tf.argmax(q_values[:, 1:], axis=-1, output_type=tf.int32)
+        next_values = tf.gather(evaluator[:, 1:], best, batch_dims=2)
+    else:
+        next_values = tf.reduce_max(evaluator[:, 1:], axis=-1)
     terminal = tf.zeros_like(q_values[:, :1, 0])
     bootstrap = tf.concat([gamma * next_values, terminal], axis=1)
     return tf.stop_gradient(rewards + bootstrap)

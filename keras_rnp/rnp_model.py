@@ -95,6 +95,12 @@ class RNPModel(RNPTrainer, keras.Model):
             With `decision_steps=0` this is a supernet stage that trains
             every width before the decision network. 0 (the paper)
             fine-tunes the path the decision network takes.
+        target_update_steps: DQN's target network: with `n > 0` the
+            Q-learning targets come from a copy of the decision network,
+            refreshed every `n` decision steps; 0 (the paper) bootstraps
+            from the network being trained.
+        double_dqn: Double DQN targets: the decision network picks the
+            next action, the target network values it.
         **kwargs: base `keras.Model` arguments (`name`, ...).
 
     Example:
@@ -128,6 +134,8 @@ class RNPModel(RNPTrainer, keras.Model):
         seed=None,
         width_aware_bn=False,
         sandwich_paths=0,
+        target_update_steps=0,
+        double_dqn=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -153,6 +161,8 @@ class RNPModel(RNPTrainer, keras.Model):
         self.alpha_momentum = float(alpha_momentum)
         self.width_aware_bn = bool(width_aware_bn)
         self.sandwich_paths = int(sandwich_paths)
+        self.target_update_steps = int(target_update_steps)
+        self.double_dqn = bool(double_dqn)
         if seed is None:
             # Drawn from NumPy's global generator, which
             # keras.utils.set_random_seed seeds; kept in the config.
@@ -177,6 +187,20 @@ class RNPModel(RNPTrainer, keras.Model):
             name="decision",
         )
         self.decision.build()
+        # DQN's target network: a copy of the decision network, refreshed
+        # every target_update_steps decision steps (None: the paper).
+        self.target_decision = None
+        if self.target_update_steps:
+            self.target_decision = DecisionNetwork(
+                in_channels,
+                self.groups,
+                code_dim=self.code_dim,
+                hidden_units=self.hidden_units,
+                name="target_decision",
+            )
+            self.target_decision.build()
+            self.target_decision.trainable = False
+            self.target_decision.set_weights(self.decision.get_weights())
         self.decision_flops = flops_lib.decision_flops(
             in_channels, self.code_dim, self.hidden_units, self.groups
         )
@@ -269,6 +293,7 @@ class RNPModel(RNPTrainer, keras.Model):
         epsilon=None,
         training=False,
         mode=execution.MASKED,
+        target_decision=None,
     ):
         """Runs the network, deciding layer by layer (no input checks).
 
@@ -282,9 +307,12 @@ class RNPModel(RNPTrainer, keras.Model):
                 skipped ones zeroed: training), `SLICED` (only the active
                 channels: inference) or `SLICED_ONNX` (the same, for
                 tf2onnx).
+            target_decision: a decision network to step beside the
+                model's on the same states (DQN's target network).
 
         Returns:
-            `(outputs, actions [B, L] int32, q_values [B, L, k])`.
+            `(outputs, actions [B, L] int32, q_values [B, L, k])`, and the
+            target network's Q-values last when `target_decision` is given.
         """
         if actions is not None:
             return execution.forward(
@@ -294,6 +322,7 @@ class RNPModel(RNPTrainer, keras.Model):
                 lambda t, q: tf.cast(actions[:, t], tf.int32),
                 mode=mode,
                 training=training,
+                target_decision=target_decision,
             )
         batch = tf.shape(images)[0]
         budget = tf.broadcast_to(tf.cast(budget, tf.float32), [batch])
@@ -317,6 +346,7 @@ class RNPModel(RNPTrainer, keras.Model):
             choose,
             mode=mode,
             training=training,
+            target_decision=target_decision,
         )
 
     def call(self, inputs, training=False):
@@ -515,4 +545,6 @@ _ARGUMENTS = (
     "seed",
     "width_aware_bn",
     "sandwich_paths",
+    "target_update_steps",
+    "double_dqn",
 )

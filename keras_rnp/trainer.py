@@ -157,7 +157,15 @@ class RNPTrainer:
 
         def train_function(iterator):
             decision = bool(self.in_decision_phase().numpy())
-            return functions["decision" if decision else "backbone"](iterator)
+            logs = functions["decision" if decision else "backbone"](iterator)
+            steps = int(self.decision_step_counter.numpy())
+            if (
+                decision
+                and self.target_decision is not None
+                and steps % self.target_update_steps == 0
+            ):
+                self._refresh_target(True)
+            return logs
 
         self.train_function = train_function
         return train_function
@@ -185,8 +193,11 @@ class RNPTrainer:
         """One Q-learning update of the decision network (backbone frozen)."""
         epsilon = self.epsilon()
         with tf.GradientTape() as tape:
-            logits, actions, q_values = self.forward(
-                x, epsilon=epsilon, training=False
+            logits, actions, q_values, *target_q = self.forward(
+                x,
+                epsilon=epsilon,
+                training=False,
+                target_decision=self.target_decision,
             )
             cls_loss = tf.cast(self._per_sample_loss(y, logits), tf.float32)
             self.loss_ema.assign(
@@ -197,7 +208,13 @@ class RNPTrainer:
             rewards = q_learning.rewards(
                 actions, self.action_cost, self.penalty, cls_loss, self.alpha()
             )
-            targets = q_learning.targets(rewards, q_values, self.gamma)
+            targets = q_learning.targets(
+                rewards,
+                q_values,
+                self.gamma,
+                target_q[0] if target_q else None,
+                double=self.double_dqn,
+            )
             q_loss = q_learning.q_loss(q_values, actions, targets)
             # Gradients are summed over replicas: scale each one's share.
             scaled = q_loss / _num_replicas()
@@ -205,11 +222,29 @@ class RNPTrainer:
         gradients = tape.gradient(scaled, variables)
         self.decision_optimizer.apply(gradients, variables)
         self.decision_step_counter.assign_add(1)
+        if self.target_decision is not None and _num_replicas() == 1:
+            # Under several replicas the host does it (make_train_function).
+            due = tf.math.floormod(
+                self.decision_step_counter, self.target_update_steps
+            )
+            self._refresh_target(tf.equal(due, 0))
         self.q_loss_tracker.update_state(q_loss)
         self.reward_tracker.update_state(q_learning.episode_return(rewards))
         self.epsilon_tracker.update_state(epsilon)
         self._update_metrics(x, y, logits, actions, sample_weight)
         return tf.constant(0)
+
+    def _refresh_target(self, due):
+        """Copies the decision network into the target network where
+        `due` (a bool or a scalar bool tensor)."""
+        pairs = zip(
+            self.target_decision.weights, self.decision.weights, strict=True
+        )
+        for target, online in pairs:
+            if due is True:
+                target.assign(online)
+            else:
+                target.assign(tf.where(due, online, target))
 
     def _backbone_step(self, x, y, sample_weight):
         """One fine-tuning update of the backbone under the decisions."""

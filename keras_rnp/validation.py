@@ -153,6 +153,9 @@ def check_model_arguments(arguments):
     check_int("hidden_units", arguments["hidden_units"], minimum=1)
     check_number("alpha_momentum", arguments["alpha_momentum"], 0.0, 1.0)
     check_int("sandwich_paths", arguments["sandwich_paths"], minimum=0)
+    check_int(
+        "target_update_steps", arguments["target_update_steps"], minimum=0
+    )
     if arguments["sandwich_paths"] and arguments["distillation"]:
         raise ValueError(
             "sandwich_paths already distills every narrow path from the "

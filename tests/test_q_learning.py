@@ -117,3 +117,26 @@ def test_phase_counts_agree_with_the_phase_of_every_step(total):
         bool(q_learning.in_decision_phase(step, 3, 2)) for step in range(total)
     )
     assert q_learning.phase_counts(total, 3, 2) == (decision, total - decision)
+
+
+@pytest.mark.parametrize("double", [False, True])
+def test_target_network_and_double_dqn_targets_match_numpy(double):
+    rng = np.random.default_rng(2)
+    q = rng.normal(size=(4, 3, 5)).astype("float32")
+    target_q = rng.normal(size=(4, 3, 5)).astype("float32")
+    rewards = rng.normal(size=(4, 3)).astype("float32")
+    got = q_learning.targets(rewards, q, 0.9, target_q, double=double)
+    if double:  # The online network picks, the target network values.
+        best = q[:, 1:].argmax(-1)
+        next_values = np.take_along_axis(target_q[:, 1:], best[..., None], 2)
+        next_values = next_values[..., 0]
+    else:
+        next_values = target_q[:, 1:].max(-1)
+    expected = rewards.copy()
+    expected[:, :-1] += 0.9 * next_values
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    # Without a target network, Double DQN is the plain max.
+    np.testing.assert_allclose(
+        q_learning.targets(rewards, q, 0.9, double=True),
+        q_learning.targets(rewards, q, 0.9),
+    )

@@ -427,3 +427,33 @@ def test_sandwich_step_updates_every_widths_statistics():
 def test_sandwich_refuses_distillation_on_top():
     with pytest.raises(ValueError, match="sandwich_paths.*distillation"):
         keras_rnp.wrap(small_cnn(), sandwich_paths=2, distillation=0.5)
+
+
+def test_target_network_follows_the_decision_network_every_n_steps(tmp_path):
+    x, y = data(24)
+    rnp = keras_rnp.wrap(
+        small_cnn(),
+        groups=4,
+        decision_steps=1,
+        backbone_steps=0,
+        target_update_steps=2,
+        double_dqn=True,
+        seed=0,
+    )
+    rnp.compile(decision_optimizer=keras.optimizers.SGD(0.1))
+    assert rnp.target_decision.trainable_weights == []
+    initial = weights(rnp.decision.weights)
+    target = rnp.target_decision.weights
+    rnp.fit(x[:8], y[:8], batch_size=8, epochs=1, verbose=0)  # Step 1.
+    assert changed(initial, rnp.decision.weights)
+    assert not changed(initial, target)  # Not refreshed yet.
+    rnp.fit(x[8:16], y[8:16], batch_size=8, epochs=1, verbose=0)  # Step 2.
+    assert not changed(weights(rnp.decision.weights), target)
+    after_two = weights(target)
+    rnp.fit(x[16:], y[16:], batch_size=8, epochs=1, verbose=0)  # Step 3.
+    assert changed(weights(target), rnp.decision.weights)
+    assert not changed(after_two, target)
+    rnp.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert (loaded.target_update_steps, loaded.double_dqn) == (2, True)
+    assert not changed(after_two, loaded.target_decision.weights)
