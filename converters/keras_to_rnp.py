@@ -30,17 +30,16 @@ def convert(
     gate_first=False,
     penalty=0.1,
     overwrite=False,
+    verbose=False,
 ):
     """Wraps the model at `input_path` and saves it to `output_path`."""
-    if not output_path.endswith(".keras"):
-        raise common.ConverterError(
-            f"--output must end in .keras; received {output_path}"
+    common.check_input(input_path)
+    common.check_output(output_path, overwrite, suffix=".keras")
+    with common.quiet(verbose):
+        model = common.load_model(input_path, want_rnp=False)
+        rnp = keras_rnp.wrap(
+            model, groups=groups, gate_first=gate_first, penalty=penalty
         )
-    common.check_new_file(output_path, overwrite)
-    model = common.load_model(input_path, want_rnp=False)
-    rnp = keras_rnp.wrap(
-        model, groups=groups, gate_first=gate_first, penalty=penalty
-    )
     rnp.save(output_path)
     print(
         f"Wrote {output_path}: {rnp.num_gated_layers} gated layers, "
@@ -59,6 +58,7 @@ def main(argv):
             FLAGS.gate_first,
             FLAGS.penalty,
             FLAGS.overwrite,
+            FLAGS.verbose,
         )
     )
 

@@ -20,17 +20,29 @@ flags.DEFINE_bool("overwrite", False, "Replace an existing output file.")
 flags.mark_flags_as_required(["input", "output"])
 
 
-def convert(input_path, output_path, opset=17, overwrite=False):
-    common.check_new_file(output_path, overwrite)
-    rnp = common.load_model(input_path, want_rnp=True)
-    keras_rnp.export_onnx(rnp, output_path, opset=opset)
-    print(f"Wrote {output_path} (opset {opset}).")
+def convert(input_path, output_path, opset=17, overwrite=False, verbose=False):
+    common.check_input(input_path)
+    common.check_output(output_path, overwrite, suffix=".onnx")
+    keras_rnp.export.check_opset(opset)
+    with common.quiet(verbose):
+        rnp = common.load_model(input_path, want_rnp=True)
+        keras_rnp.export_onnx(rnp, output_path, opset=opset)
+    print(
+        f"Wrote {output_path} (opset {opset}; inputs images and budget, "
+        "outputs logits, probabilities, actions, flops)."
+    )
 
 
 def main(argv):
     del argv
     common.run(
-        lambda: convert(FLAGS.input, FLAGS.output, FLAGS.opset, FLAGS.overwrite)
+        lambda: convert(
+            FLAGS.input,
+            FLAGS.output,
+            FLAGS.opset,
+            FLAGS.overwrite,
+            FLAGS.verbose,
+        )
     )
 
 

@@ -7,6 +7,8 @@ writes serving/rnp/1/ with the signatures serving_default (images) and
 serving_budget (images, budget).
 """
 
+import os
+
 import common
 from absl import app
 from absl import flags
@@ -21,19 +23,35 @@ flags.DEFINE_bool("overwrite", False, "Replace an existing version.")
 flags.mark_flags_as_required(["input", "output"])
 
 
-def convert(input_path, output_path, version=1, overwrite=False):
-    rnp = common.load_model(input_path, want_rnp=True)
-    path = keras_rnp.export_saved_model(
-        rnp, output_path, version=version, overwrite=overwrite
+def convert(input_path, output_path, version=1, overwrite=False, verbose=False):
+    common.check_input(input_path)
+    if version < 1:
+        raise common.ConverterError(
+            f"--version must be a positive integer; received {version}"
+        )
+    common.check_output(
+        os.path.join(output_path, str(version)), overwrite, parents=True
     )
-    print(f"Wrote {path} (signatures serving_default, serving_budget).")
+    with common.quiet(verbose):
+        rnp = common.load_model(input_path, want_rnp=True)
+        path = keras_rnp.export_saved_model(
+            rnp, output_path, version=version, overwrite=overwrite
+        )
+    print(
+        f"Wrote {path} (signatures serving_default, serving_budget, "
+        "serving_actions)."
+    )
 
 
 def main(argv):
     del argv
     common.run(
         lambda: convert(
-            FLAGS.input, FLAGS.output, FLAGS.version, FLAGS.overwrite
+            FLAGS.input,
+            FLAGS.output,
+            FLAGS.version,
+            FLAGS.overwrite,
+            FLAGS.verbose,
         )
     )
 

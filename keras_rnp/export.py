@@ -245,10 +245,7 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
     from onnx import numpy_helper
 
     _check_model(rnp)
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 13:
-        raise ValueError(
-            f"opset must be an integer >= 13. Received: opset={opset!r}."
-        )
+    check_opset(opset)
     if os.path.exists(path) and not overwrite:
         raise ValueError(
             "Expected a new file (or overwrite=True). Received: "
@@ -268,6 +265,23 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
     with atomic_path(path, is_dir=False) as staging:
         onnx.save(model_proto, staging)
     return os.fspath(path)
+
+
+def check_opset(opset):
+    """Raises a ValueError unless `opset` is an ONNX opset `export_onnx`
+    can write: from 13 to the newest the installed tf2onnx converts."""
+    from tf2onnx import constants
+
+    newest = max(constants.OPSET_TO_IR_VERSION)
+    if (
+        isinstance(opset, bool)
+        or not isinstance(opset, int)
+        or not 13 <= opset <= newest
+    ):
+        raise ValueError(
+            f"opset must be an integer >= 13 and <= {newest} (the newest "
+            f"the installed tf2onnx converts). Received: opset={opset!r}."
+        )
 
 
 def _name_inputs(model_proto, names):

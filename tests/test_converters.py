@@ -59,6 +59,12 @@ def test_keras_to_rnp_to_saved_model_and_onnx(cnn_file, tmp_path):
         "rnp_to_saved_model.py", f"--input={rnp_file}", f"--output={base}"
     )
     assert result.returncode == 0, result.stderr
+    # Quiet by default: one line, naming every signature.
+    assert result.stdout.strip().splitlines() == [
+        f"Wrote {base / '1'} (signatures serving_default, serving_budget, "
+        "serving_actions)."
+    ]
+    assert result.stderr.strip() == ""
     served = tf.saved_model.load(str(base / "1"))
     out = served.signatures["serving_default"](images=tf.constant(x))
     np.testing.assert_array_equal(out["actions"], rnp.run(x)["actions"])
@@ -68,6 +74,8 @@ def test_keras_to_rnp_to_saved_model_and_onnx(cnn_file, tmp_path):
         "rnp_to_onnx.py", f"--input={rnp_file}", f"--output={onnx_file}"
     )
     assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip().splitlines()) == 1, result.stdout
+    assert result.stderr.strip() == ""
     session = ort.InferenceSession(
         str(onnx_file), providers=["CPUExecutionProvider"]
     )
@@ -115,6 +123,37 @@ def test_keras_to_rnp_to_saved_model_and_onnx(cnn_file, tmp_path):
             ["--input={cnn}", "--output=x.onnx", "--opset=abc"],
             "invalid literal",
         ),
+        # Checked before any model is loaded or converted:
+        (
+            "rnp_to_onnx.py",
+            ["--input={cnn}", "--output={out}.onnx", "--opset=99"],
+            "error: opset must be an integer >= 13 and <= \\d+",
+        ),
+        (
+            "rnp_to_onnx.py",
+            ["--input={cnn}", "--output={out}.txt"],
+            "error: --output must end in .onnx",
+        ),
+        (
+            "rnp_to_onnx.py",
+            ["--input={cnn}", "--output={out}/missing/m.onnx"],
+            "error: the directory of --output does not exist",
+        ),
+        (
+            "rnp_to_saved_model.py",
+            ["--input={dir}", "--output={out}"],
+            "error: --input is a directory",
+        ),
+        (
+            "rnp_to_saved_model.py",
+            ["--input={corrupt}", "--output={out}"],
+            "error: cannot load a Keras model from .*not a .keras archive",
+        ),
+        (
+            "keras_to_rnp.py",
+            ["--input={cnn}", "--output={out}/missing/m.keras"],
+            "error: the directory of --output does not exist",
+        ),
     ],
 )
 def test_converters_fail_in_one_line_with_nonzero_exit(
@@ -123,11 +162,16 @@ def test_converters_fail_in_one_line_with_nonzero_exit(
     corrupt = tmp_path / "corrupt.keras"
     corrupt.write_bytes(b"this is not a zip file")
     flags = [
-        f.format(corrupt=corrupt, cnn=cnn_file, out=tmp_path / "out")
+        f.format(
+            corrupt=corrupt, cnn=cnn_file, out=tmp_path / "out", dir=tmp_path
+        )
         for f in flags
     ]
     result = convert(script, *flags)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert re.search(message, result.stderr), result.stderr
+    # One line (absl adds a second, "Pass --helpshort", to flag errors).
+    assert len(result.stderr.strip().splitlines()) <= 2, result.stderr
+    assert result.stderr.startswith(("error: ", "FATAL Flags")), result.stderr
     assert not any(p.name.startswith("out") for p in tmp_path.iterdir())
