@@ -81,6 +81,8 @@ def forward(
         previous = action
     if mode == MASKED:
         x = plan.head.call(x, training=training)
+    if x.dtype in (tf.float16, tf.bfloat16):
+        x = tf.cast(x, tf.float32)  # Outputs in float32 (mixed precision).
     outputs = (x, tf.stack(taken, axis=1), tf.stack(q_values, axis=1))
     if target_decision is not None:
         outputs += (tf.stack(target_q_values, axis=1),)

@@ -221,6 +221,10 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
     `RNPModel.run`); onnxruntime itself refuses images of the wrong shape
     or dtype, naming the expected and received dimensions.
 
+    A model under the `mixed_float16` policy computes in float16 in ONNX
+    too; one under `mixed_bfloat16` is refused (onnxruntime has no
+    bfloat16 convolution).
+
     Limits: tf2onnx folds each (previous action, action) slice of each
     gated kernel into a constant of its own, so the file and the
     converter's memory grow with the weights times about `(k + 1)^2 / 4`.
@@ -246,6 +250,14 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
 
     _check_model(rnp)
     check_opset(opset)
+    if rnp.compute_dtype == "bfloat16":
+        raise ValueError(
+            "export_onnx() cannot write a model that computes in bfloat16: "
+            "onnxruntime has no bfloat16 convolution. Export a SavedModel, "
+            "or build the model under the float32 or mixed_float16 policy "
+            "and copy the weights (rnp.get_weights()). Received: a model "
+            f"with dtype policy {rnp.dtype_policy.name}."
+        )
     if os.path.exists(path) and not overwrite:
         raise ValueError(
             "Expected a new file (or overwrite=True). Received: "

@@ -314,6 +314,10 @@ class RNPModel(RNPTrainer, keras.Model):
             `(outputs, actions [B, L] int32, q_values [B, L, k])`, and the
             target network's Q-values last when `target_decision` is given.
         """
+        # Checked before the cast to the compute dtype: onnxruntime has no
+        # IsInf for float16.
+        finite_images = tf.reduce_all(tf.math.is_finite(images), axis=[1, 2, 3])
+        images = tf.cast(images, self.compute_dtype)
         if actions is not None:
             return execution.forward(
                 self._plan,
@@ -326,7 +330,6 @@ class RNPModel(RNPTrainer, keras.Model):
             )
         batch = tf.shape(images)[0]
         budget = tf.broadcast_to(tf.cast(budget, tf.float32), [batch])
-        finite_images = tf.reduce_all(tf.math.is_finite(images), axis=[1, 2, 3])
 
         def choose(t, q):
             action = policy.greedy_actions(

@@ -77,6 +77,13 @@ class RNPTrainer:
         else:
             self._per_sample_loss = loss_object
         self.decision_optimizer = keras.optimizers.get(decision_optimizer)
+        if self.dtype_policy.name == "mixed_float16" and not isinstance(
+            self.decision_optimizer, keras.optimizers.LossScaleOptimizer
+        ):
+            # As compile() does for the backbone's optimizer.
+            self.decision_optimizer = keras.optimizers.LossScaleOptimizer(
+                self.decision_optimizer
+            )
         self.optimizer.build(self.backbone.trainable_variables)
         self.decision_optimizer.build(self.decision.trainable_variables)
 
@@ -217,7 +224,9 @@ class RNPTrainer:
             )
             q_loss = q_learning.q_loss(q_values, actions, targets)
             # Gradients are summed over replicas: scale each one's share.
-            scaled = q_loss / _num_replicas()
+            scaled = self.decision_optimizer.scale_loss(
+                q_loss / _num_replicas()
+            )
         variables = self.decision.trainable_variables
         gradients = tape.gradient(scaled, variables)
         self.decision_optimizer.apply(gradients, variables)

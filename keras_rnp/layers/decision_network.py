@@ -55,14 +55,15 @@ class DecisionNetwork(keras.layers.Layer):
 
     def initial_state(self, batch_size):
         """Zero LSTM state `[h, c]` for a batch."""
-        zeros = tf.zeros((batch_size, self.hidden_units))
+        zeros = tf.zeros((batch_size, self.hidden_units), self.compute_dtype)
         return [zeros, zeros]
 
     def step(self, t, feature_map, state):
         """Q-values `[B, groups]` for gated layer `t`, and the next state."""
         code = self.encoders[t](tf.reduce_mean(feature_map, axis=[1, 2]))
         output, state = self.cell(code, state)
-        return self.decoders[t](output), state
+        # Q-values in float32 whatever the compute dtype (mixed precision).
+        return tf.cast(self.decoders[t](output), tf.float32), state
 
     def call(self, inputs):
         raise NotImplementedError(

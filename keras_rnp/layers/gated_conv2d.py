@@ -220,7 +220,10 @@ class GatedConv2D(keras.layers.Layer):
         conv = self.conv
         if x.shape[-1] != in_active:
             x = x[..., :in_active]
-        kernel, bias = conv.kernel, conv.bias if conv.use_bias else None
+        # Folded in float32 (batch norm's statistics are float32), then
+        # cast to the compute dtype (mixed precision).
+        kernel = tf.cast(conv.kernel, tf.float32)
+        bias = tf.cast(conv.bias, tf.float32) if conv.use_bias else None
         # Slice only what is cut: a slice of a variable is a copy.
         if (in_active, out_active) != tuple(kernel.shape[2:]):
             kernel = kernel[:, :, :in_active, :out_active]
@@ -241,6 +244,8 @@ class GatedConv2D(keras.layers.Layer):
             scale, offset = affine(*tail.pop(0))
             kernel = kernel * scale
             bias = offset if bias is None else bias * scale + offset
+        kernel = tf.cast(kernel, x.dtype)
+        bias = None if bias is None else tf.cast(bias, x.dtype)
         y = tf.nn.conv2d(
             x,
             kernel,
@@ -254,7 +259,7 @@ class GatedConv2D(keras.layers.Layer):
         for i, layer in tail:
             if isinstance(layer, _L.BatchNormalization):
                 scale, offset = affine(i, layer)
-                y = y * scale + offset
+                y = y * tf.cast(scale, y.dtype) + tf.cast(offset, y.dtype)
             elif not isinstance(layer, _L.Dropout):
                 y = layer(y, training=False)
         return y

@@ -88,9 +88,9 @@ class GatedHead(keras.layers.Layer):
             y = reducer(y)
             if active < full:
                 kernel = kernel[:active]
-        y = tf.matmul(y, kernel)
+        y = tf.matmul(y, tf.cast(kernel, y.dtype))
         if dense.use_bias:
-            y = tf.nn.bias_add(y, dense.bias)
+            y = tf.nn.bias_add(y, tf.cast(dense.bias, y.dtype))
         y = dense.activation(y)
         for layer in rest:
             y = layer(y, training=False)
