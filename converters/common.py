@@ -14,7 +14,11 @@ import os
 import sys
 import zipfile
 
-VERBOSE = any(arg in ("--verbose", "--verbose=true") for arg in sys.argv)
+VERBOSE = any(
+    arg == "--verbose"
+    or arg.lower() in ("--verbose=true", "--verbose=1", "--verbose=t")
+    for arg in sys.argv
+)
 
 
 @contextlib.contextmanager

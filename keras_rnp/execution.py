@@ -81,8 +81,7 @@ def forward(
         previous = action
     if mode == MASKED:
         x = plan.head.call(x, training=training)
-    if x.dtype in (tf.float16, tf.bfloat16):
-        x = tf.cast(x, tf.float32)  # Outputs in float32 (mixed precision).
+    x = tf.cast(x, _output_dtype(x.dtype))
     outputs = (x, tf.stack(taken, axis=1), tf.stack(q_values, axis=1))
     if target_decision is not None:
         outputs += (tf.stack(target_q_values, axis=1),)
@@ -99,6 +98,9 @@ def _run_sliced(unit, x, previous, action, head_plan, mode):
     sliced dense layer.
     """
     k = unit.groups
+    out_dtype = x.dtype
+    if head_plan is not None:
+        out_dtype = _output_dtype(x.dtype)
     if unit.in_gated:
         key = (previous - 1) * k + (action - 1)
         pairs = [(i, o) for i in range(1, k + 1) for o in range(1, k + 1)]
@@ -114,7 +116,8 @@ def _run_sliced(unit, x, previous, action, head_plan, mode):
         active_out = a_out * (unit.out_channels // k)
         y = unit.call_sliced(part, active_in, active_out)
         if head_plan is not None:
-            return head_plan.head.call_sliced(y, active_out)
+            # One dtype for every branch, whatever the head's last layer.
+            return tf.cast(head_plan.head.call_sliced(y, active_out), out_dtype)
         padding = unit.out_channels - active_out
         if not padding:
             return y
@@ -141,7 +144,7 @@ def _run_sliced(unit, x, previous, action, head_plan, mode):
         output_shape = head_plan.output_shape
     else:
         output_shape = unit.unit_output_shape
-    empty = tf.zeros([0, *output_shape], x.dtype)
+    empty = tf.zeros([0, *output_shape], out_dtype)
 
     def grouped():
         positions = partition_positions()
@@ -171,6 +174,11 @@ def _run_sliced(unit, x, previous, action, head_plan, mode):
         tf.size(key) > 0, tf.reduce_min(key) == tf.reduce_max(key)
     )
     return tf.cond(is_uniform, uniform, grouped)
+
+
+def _output_dtype(dtype):
+    """Outputs are float32 under a mixed precision policy."""
+    return tf.float32 if dtype in (tf.float16, tf.bfloat16) else dtype
 
 
 def empty_outputs(plan):

@@ -474,7 +474,7 @@ class RNPModel(RNPTrainer, keras.Model):
         functions = _RUN_FUNCTIONS.setdefault(self, {})
         if forced not in functions:
             images = tf.TensorSpec(
-                (None, *self._plan.image_shape), self.compute_dtype
+                (None, *self._plan.image_shape), self._input_dtype
             )
             budget = tf.TensorSpec((None,), tf.float32)
             if forced:
@@ -494,8 +494,16 @@ class RNPModel(RNPTrainer, keras.Model):
 
     def _check_images(self, images):
         return validation.check_images(
-            images, self._plan.image_shape, self.compute_dtype
+            images, self._plan.image_shape, self._input_dtype
         )
+
+    @property
+    def _input_dtype(self):
+        # Images stay float32 under mixed precision until forward() has
+        # checked that they are finite (a float16 cast turns large pixels
+        # into Inf).
+        half = self.compute_dtype in ("float16", "bfloat16")
+        return "float32" if half else self.compute_dtype
 
     # ------------------------------------------------------------------
     # Serialization.

@@ -154,7 +154,14 @@ class RNPTrainer:
                 f"steps_per_execution={self.steps_per_execution}."
             )
         # Keras' own per-step wrapper (strategy.run and the reduction of
-        # the replicas' results), given each phase's step function.
+        # the replicas' results), given each phase's step function: a
+        # private method of Keras' TensorFlow trainer.
+        if not hasattr(self, "_make_function"):
+            raise RuntimeError(
+                "RNPModel under a distribution strategy needs a Keras whose "
+                "TensorFlow trainer has _make_function (Keras 3.15 has). "
+                f"Received: keras {keras.__version__}; upgrade it."
+            )
         functions = {
             phase: self._make_function(
                 functools.partial(self._train_step, phase=phase)

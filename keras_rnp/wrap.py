@@ -131,6 +131,8 @@ def rewrap(rnp, **kwargs):
     new = RNPModel.from_config({**config, **kwargs})
     new.backbone.set_weights(rnp.backbone.get_weights())
     new.decision.set_weights(rnp.decision.get_weights())
+    if new.target_decision is not None:  # It copied the fresh network.
+        new.target_decision.set_weights(rnp.decision.get_weights())
     for target, source in zip(new.width_norms, rnp.width_norms, strict=True):
         target.set_weights(source.get_weights())
     return new

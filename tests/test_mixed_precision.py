@@ -112,3 +112,27 @@ def test_exports_match_keras(policy, tmp_path):
     np.testing.assert_allclose(
         got["logits"], want["logits"], rtol=tolerance, atol=tolerance
     )
+
+
+def test_head_ending_in_a_float32_layer(policy):
+    # The usual mixed-precision recipe: the last activation in float32.
+    layers = keras.layers
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            layers.Conv2D(8, 3, padding="same", activation="relu"),
+            layers.Conv2D(8, 3, padding="same", activation="relu"),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(4),
+            layers.Activation("softmax", dtype="float32"),
+        ]
+    )
+    rnp = keras_rnp.wrap(model, groups=2, seed=0)
+    x = images(5)[:, :8, :8]
+    actions = np.array([[1], [2], [1], [2], [2]])
+    out = rnp.run(x, actions=actions)["logits"]
+    assert out.dtype == tf.float32
+    np.testing.assert_allclose(np.sum(out, axis=-1), 1.0, atol=1e-2)
+    np.testing.assert_allclose(
+        rnp.run(x, actions=2)["logits"], model(x), atol=TOLERANCE[policy]
+    )

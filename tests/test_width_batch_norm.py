@@ -206,3 +206,12 @@ def test_rewrap_keeps_weights_and_statistics_and_resets_progress():
         keras_rnp.rewrap(rnp, groups=2)
     with pytest.raises(ValueError, match="Received: nonsense"):
         keras_rnp.rewrap(rnp, nonsense=1)
+
+
+def test_rewrap_gives_the_target_network_the_trained_decision_weights():
+    rnp = width_aware_rnp()  # spread_decisions changed the decision net.
+    new = keras_rnp.rewrap(rnp, target_update_steps=10)
+    for target, online in zip(
+        new.target_decision.weights, rnp.decision.weights, strict=True
+    ):
+        np.testing.assert_array_equal(target.numpy(), online.numpy())
