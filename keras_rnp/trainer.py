@@ -276,11 +276,14 @@ class RNPTrainer:
                     x, y, logits, sample_weight, loss.dtype
                 )
             scaled = self.optimizer.scale_loss(total)
-        variables = self.backbone.trainable_variables
-        gradients = tape.gradient(scaled, variables)
-        self.optimizer.apply(gradients, variables)
+        self._update_backbone(tape, scaled)
         self._update_metrics(x, y, logits, actions, sample_weight, loss)
         return tf.constant(0)
+
+    def _update_backbone(self, tape, scaled_loss):
+        variables = self.backbone.trainable_variables
+        gradients = tape.gradient(scaled_loss, variables)
+        self.optimizer.apply(gradients, variables)
 
     def _sandwich_step(self, x, y, sample_weight):
         """One supernet update of the backbone (the sandwich rule).
@@ -307,15 +310,11 @@ class RNPTrainer:
             for actions in paths:
                 logits, _, _ = self.forward(x, actions=actions, training=True)
                 soft = q_learning.soft_cross_entropy(full, logits, from_logits)
-                if sample_weight is not None:
-                    soft *= tf.cast(tf.reshape(sample_weight, [-1]), tf.float32)
-                extra += tf.reduce_mean(soft)
+                extra += _weighted_mean(soft, sample_weight)
             # As compute_loss does: divided among the replicas.
             total = loss + tf.cast(extra / _num_replicas(), loss.dtype)
             scaled = self.optimizer.scale_loss(total)
-        variables = self.backbone.trainable_variables
-        gradients = tape.gradient(scaled, variables)
-        self.optimizer.apply(gradients, variables)
+        self._update_backbone(tape, scaled)
         self._update_metrics(x, y, full, full_actions, sample_weight, loss)
         return tf.constant(0)
 
@@ -337,10 +336,8 @@ class RNPTrainer:
             weight=self.distillation,
             from_logits=not self.ends_in_softmax,
         )
-        if sample_weight is not None:
-            per_image *= tf.cast(tf.reshape(sample_weight, [-1]), tf.float32)
         # As compute_loss does: the batch mean, divided among the replicas.
-        extra = tf.reduce_mean(per_image) / _num_replicas()
+        extra = _weighted_mean(per_image, sample_weight) / _num_replicas()
         return tf.cast(extra, dtype)
 
     def _loss(self, x, y, logits, sample_weight, training):
@@ -411,6 +408,13 @@ def _warn_if_a_phase_never_ran(start, end, decision_steps, backbone_steps):
             "for more steps.",
             stacklevel=3,
         )
+
+
+def _weighted_mean(per_image, sample_weight):
+    """The batch mean of `[B]` values, weighted per image if given."""
+    if sample_weight is not None:
+        per_image *= tf.cast(tf.reshape(sample_weight, [-1]), tf.float32)
+    return tf.reduce_mean(per_image)
 
 
 def _num_replicas():

@@ -204,6 +204,26 @@ def test_backbone_is_fine_tuned_under_greedy_or_exploring_actions(
         assert int(rnp.decision_step_counter) == 0
 
 
+def deterministic_sgd(rnp):
+    """No dropout and SGD at learning rate 1: one step subtracts the
+    gradient, which a test can compute by hand."""
+    for layer in rnp.backbone.layers:
+        if isinstance(layer, keras.layers.Dropout):
+            layer.rate = 0.0  # A deterministic forward pass to compare.
+    rnp.compile(optimizer=keras.optimizers.SGD(1.0))
+    variables = rnp.backbone.trainable_variables
+    return variables, weights(variables)
+
+
+def assert_one_step_of(gradients, variables, before, atol):
+    for variable, value, gradient in zip(
+        variables, before, gradients, strict=True
+    ):
+        np.testing.assert_allclose(
+            variable.numpy(), value - gradient.numpy(), atol=atol
+        )
+
+
 @pytest.mark.parametrize("distillation", [0.5, 1.0])
 def test_distillation_step_minimizes_full_plus_distilled_path_loss(
     distillation,
@@ -217,12 +237,7 @@ def test_distillation_step_minimizes_full_plus_distilled_path_loss(
         distillation=distillation,
         seed=0,
     )
-    for layer in rnp.backbone.layers:
-        if isinstance(layer, keras.layers.Dropout):
-            layer.rate = 0.0  # A deterministic forward pass to compare.
-    rnp.compile(optimizer=keras.optimizers.SGD(1.0))
-    variables = rnp.backbone.trainable_variables
-    before = weights(variables)
+    variables, before = deterministic_sgd(rnp)
     # The reference: the objective written out, its gradient by hand.
     _, actions, _ = rnp.forward(x, training=True)
     full_actions = np.full(actions.shape, 4)
@@ -242,12 +257,7 @@ def test_distillation_step_minimizes_full_plus_distilled_path_loss(
     for variable, value in zip(variables, before, strict=True):
         variable.assign(value)
     logs = rnp.fit(x, y, batch_size=16, epochs=1, verbose=0).history
-    for variable, value, gradient in zip(
-        variables, before, gradients, strict=True
-    ):
-        np.testing.assert_allclose(
-            variable.numpy(), value - gradient.numpy(), atol=1e-5
-        )
+    assert_one_step_of(gradients, variables, before, atol=1e-5)
     assert any(np.abs(g.numpy()).max() > 1e-3 for g in gradients)
     # The reported loss stays the path's loss on the labels.
     assert logs["loss"][0] == pytest.approx(path_loss, rel=1e-5)
@@ -355,12 +365,7 @@ def test_sandwich_step_minimizes_full_plus_distilled_narrow_paths(
         width_aware_bn=width_aware_bn,
         seed=3,
     )
-    for layer in rnp.backbone.layers:
-        if isinstance(layer, keras.layers.Dropout):
-            layer.rate = 0.0  # A deterministic forward pass to compare.
-    rnp.compile(optimizer=keras.optimizers.SGD(1.0))
-    variables = rnp.backbone.trainable_variables
-    before = weights(variables)
+    variables, before = deterministic_sgd(rnp)
     # The reference: full path on the labels, the narrowest path and one
     # random path (the draw of step 0) on the full path's predictions.
     full_actions = np.full((16, 3), 4)
@@ -384,12 +389,7 @@ def test_sandwich_step_minimizes_full_plus_distilled_narrow_paths(
     logs = rnp.fit(
         x, y, batch_size=16, epochs=1, shuffle=False, verbose=0
     ).history
-    for variable, value, gradient in zip(
-        variables, before, gradients, strict=True
-    ):
-        np.testing.assert_allclose(
-            variable.numpy(), value - gradient.numpy(), atol=2e-5
-        )
+    assert_one_step_of(gradients, variables, before, atol=2e-5)
     assert logs["loss"][0] == pytest.approx(full_loss, rel=1e-5)
     # The full path's FLOPs (and the decision network's, which run() counts).
     full_ratio = 1.0 + rnp.decision_flops / rnp.full_flops
