@@ -308,7 +308,7 @@ def _loss():
 
 def _callbacks(config, name):
     return [
-        keras.callbacks.BackupAndRestore(config.path("backup", name)),
+        keras_rnp.callbacks.BackupAndRestore(config.path("backup", name)),
         keras.callbacks.TensorBoard(config.path("logs", name)),
     ]
 

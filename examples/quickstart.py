@@ -185,7 +185,7 @@ def _backup(work_dir, name):
     if not work_dir:
         return []
     backup_dir = os.path.join(work_dir, "backup", name)
-    return [keras.callbacks.BackupAndRestore(backup_dir)]
+    return [keras_rnp.callbacks.BackupAndRestore(backup_dir)]
 
 
 def format_table(rows):

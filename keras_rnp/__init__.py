@@ -1,5 +1,6 @@
 """keras_rnp: Runtime Neural Pruning (Lin et al., NeurIPS 2017) for Keras 3."""
 
+from keras_rnp import callbacks
 from keras_rnp import datasets
 from keras_rnp import layers
 from keras_rnp import static_pruning
@@ -22,6 +23,7 @@ __all__ = [
     "DecisionNetwork",
     "RNPModel",
     "Report",
+    "callbacks",
     "count_flops",
     "datasets",
     "export_onnx",

@@ -13,6 +13,7 @@ import pytest
 from helpers import small_cnn
 
 import keras_rnp
+from keras_rnp.callbacks import BackupAndRestore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -186,7 +187,15 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
         "--verbose=2",
     ]
     env = {**os.environ, "PYTHONPATH": ROOT}
-    metadata = tmp_path / "backup" / "rnp" / "training_metadata.json"
+    backups = BackupAndRestore(str(tmp_path / "backup" / "rnp"))
+
+    def newest_epoch():
+        newest = backups.backups()
+        if not newest:
+            return 0
+        with open(os.path.join(newest[0], "state.json")) as f:
+            return json.load(f)["epoch"]
+
     with open(tmp_path / "first.log", "w") as log:
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env=env
@@ -194,20 +203,16 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
         deadline = time.time() + 240
         epoch = 0
         while time.time() < deadline and process.poll() is None:
-            if metadata.exists():
-                try:
-                    epoch = json.loads(metadata.read_text())["epoch"]
-                except (ValueError, KeyError):
-                    epoch = 0  # Caught mid-write.
-                if epoch >= 3:
-                    break
+            epoch = newest_epoch()  # Backups appear whole: no torn reads.
+            if epoch >= 3:
+                break
             time.sleep(0.05)
         assert process.poll() is None, "training ended before the kill"
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert epoch >= 3
-    epoch = json.loads(metadata.read_text())["epoch"]
-    weights = tmp_path / "backup" / "rnp" / "latest.weights.h5"
+    epoch = newest_epoch()
+    weights = os.path.join(backups.backups()[0], "model.weights.h5")
     steps_per_epoch = 22  # 1,348 training digits in batches of 64.
     step, decision_steps = read_counter(weights)
     assert step == epoch * steps_per_epoch > 0

@@ -1,0 +1,169 @@
+"""Training callbacks: crash-safe backups.
+
+Keras' `BackupAndRestore` writes its weights file and its metadata file in
+place: a kill in the middle of the write leaves a torn file, and every
+rerun stops with an error until the user deletes the backup folder. This
+one writes each backup whole or not at all, keeps the one before it, and
+falls back to it (or starts over) with a warning when a backup cannot be
+read.
+"""
+
+import json
+import os
+import re
+import shutil
+import warnings
+
+import keras
+
+from keras_rnp import io_utils
+
+_BACKUP = re.compile(r"^backup-(\d{6})-(\d{9})$")
+
+
+class BackupAndRestore(keras.callbacks.BackupAndRestore):
+    """Backs up training as it goes, and resumes it after a crash.
+
+    Each backup is a directory `backup-<epoch>-<step>` in `backup_dir`
+    holding `model.weights.h5` (the model's and its optimizers' variables:
+    for an `RNPModel` also the step counters and the loss mean) and
+    `state.json` (the epoch to resume at). It is written in a staging
+    directory beside it and renamed into place when complete, so a kill
+    leaves either the new backup or none. The newest `keep` backups stay.
+
+    At the start of `fit`, the newest backup that can be read is loaded.
+    When it is not the newest, or none can be read, a one-line warning
+    says so and training resumes from the older backup or starts over;
+    `fit` never stops on a damaged backup.
+
+    Args:
+        backup_dir: where the backups go (created if needed).
+        save_freq: `"epoch"`, or a number of batches.
+        keep: how many backups to keep (at least 2, so that one survives
+            a damaged newest one).
+        delete_checkpoint: delete `backup_dir` when training ends.
+
+    Example:
+
+    ```python
+    rnp.fit(train_ds, epochs=10,
+            callbacks=[keras_rnp.callbacks.BackupAndRestore("backup")])
+    ```
+    """
+
+    def __init__(
+        self, backup_dir, save_freq="epoch", keep=2, delete_checkpoint=True
+    ):
+        super().__init__(
+            backup_dir, save_freq=save_freq, delete_checkpoint=delete_checkpoint
+        )
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 2:
+            raise ValueError(
+                f"keep must be an integer >= 2. Received: keep={keep!r}."
+            )
+        self.keep = keep
+        self._steps = 0
+
+    def backups(self):
+        """The complete backups in `backup_dir`, newest first."""
+        if not os.path.isdir(self.backup_dir):
+            return []
+        found = []
+        for name in os.listdir(self.backup_dir):
+            match = _BACKUP.match(name)
+            if match:
+                key = (int(match.group(1)), int(match.group(2)))
+                found.append((key, os.path.join(self.backup_dir, name)))
+        return [path for _, path in sorted(found, reverse=True)]
+
+    def on_train_begin(self, logs=None):
+        if not self.model.built:
+            raise ValueError(
+                "BackupAndRestore expects a built model (call it on a batch "
+                f"first). Received: model={self.model.name}, not built."
+            )
+        optimizers = [
+            optimizer
+            for optimizer in (
+                getattr(self.model, "optimizer", None),
+                getattr(self.model, "decision_optimizer", None),
+            )
+            if optimizer is not None and not optimizer.built
+        ]
+        for optimizer in optimizers:  # Their variables must exist to load.
+            optimizer.build(self.model.trainable_variables)
+        backups = self.backups()
+        if not backups:
+            return
+        variables = list(self.model.weights)
+        for optimizer in (
+            getattr(self.model, "optimizer", None),
+            getattr(self.model, "decision_optimizer", None),
+        ):
+            if optimizer is not None:
+                variables += list(optimizer.variables)
+        initial = [variable.numpy() for variable in variables]
+        failures = []
+        for path in backups:
+            try:
+                with open(os.path.join(path, "state.json")) as f:
+                    state = json.load(f)
+                epoch = int(state["epoch"])
+                self.model.load_weights(os.path.join(path, "model.weights.h5"))
+            except Exception as error:  # A torn file fails in many ways.
+                reason = (str(error).strip().splitlines() or [""])[0]
+                failures.append(
+                    f"{os.path.basename(path)} ({type(error).__name__}: "
+                    f"{reason[:120]})"
+                )
+                # A half-read file may have set some variables.
+                for variable, value in zip(variables, initial, strict=True):
+                    variable.assign(value)
+                continue
+            self.model._initial_epoch = epoch  # Read by Keras' fit.
+            self._steps = int(state.get("steps", 0))
+            if failures:
+                warnings.warn(
+                    f"BackupAndRestore: could not read {failures[0]}; "
+                    f"resuming from the previous backup, "
+                    f"{os.path.basename(path)} (epoch {epoch}).",
+                    stacklevel=2,
+                )
+            return
+        warnings.warn(
+            f"BackupAndRestore: no backup in {self.backup_dir} could be read "
+            f"({'; '.join(failures)}); training starts over.",
+            stacklevel=2,
+        )
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
+        super().on_train_batch_end(batch, logs)
+
+    def _save_model(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        for name in os.listdir(self.backup_dir):  # A killed write's staging.
+            if name.startswith(".keras_rnp-"):
+                shutil.rmtree(
+                    os.path.join(self.backup_dir, name), ignore_errors=True
+                )
+        name = f"backup-{self._current_epoch:06d}-{self._steps:09d}"
+        target = os.path.join(self.backup_dir, name)
+        with io_utils.atomic_path(target, is_dir=True) as staging:
+            os.makedirs(staging)
+            self.model.save_weights(os.path.join(staging, "model.weights.h5"))
+            with open(os.path.join(staging, "state.json"), "w") as f:
+                json.dump(
+                    {
+                        "epoch": self._current_epoch,
+                        "batch": self._last_batch_seen,
+                        "steps": self._steps,
+                    },
+                    f,
+                )
+        for old in self.backups()[self.keep :]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def on_train_end(self, logs=None):
+        if self.delete_checkpoint and os.path.isdir(self.backup_dir):
+            shutil.rmtree(self.backup_dir)
