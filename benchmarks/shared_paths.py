@@ -1,8 +1,9 @@
 """RNP's uniform paths, which share one set of weights, against static
 pruning's separate networks, on the same split.
 
-For each model in `--models` (a plain backbone, or an RNP model whose
-fine-tuned backbone is taken), forces the same number of groups at every
+For each model in `--models` (a plain backbone, wrapped with `--groups`
+and `--gate_first`, or an RNP model as it is, per-width statistics
+included), forces the same number of groups at every
 gated layer and measures accuracy and FLOPs; for each model in `--static`,
 accuracy and FLOPs as it is. FLOPs ratios are against the first model's full
 network. No decision network is involved: these are the widths Q-learning
@@ -43,10 +44,9 @@ flags.mark_flag_as_required("models")
 
 
 def _backbone(path):
-    model = keras.saving.load_model(path)
-    if isinstance(model, keras_rnp.RNPModel):
-        return keras_rnp.strip(model)
-    return model
+    """A plain model, or an RNP model as it is (with its per-width
+    statistics, if it has them)."""
+    return keras.saving.load_model(path)
 
 
 def main(argv):
