@@ -250,8 +250,10 @@ def candidate_paths(rnp, low, high, max_paths):
 def uniform_paths(model, images, labels, groups, gate_first=False):
     """Accuracy and FLOPs of each uniform width of a wrapped network.
 
-    Wraps `model` (see `keras_rnp.wrap`) and forces every gated layer to
-    the same action, for each action `1..groups`. No training, and no
+    Wraps `model` (see `keras_rnp.wrap`; an `RNPModel` is taken as it is,
+    with its per-width statistics, and `groups` and `gate_first` are then
+    its own) and forces every gated layer to the same action, for each
+    action `1..groups`. No training, and no
     decision network involved: the paths RNP chooses among.
 
     Args:
@@ -265,9 +267,12 @@ def uniform_paths(model, images, labels, groups, gate_first=False):
         A list of dicts, one per action: `"action"`, `"accuracy"` and
         `"flops"` (mean FLOPs per image).
     """
-    rnp = wrap(model, groups=groups, gate_first=gate_first)
+    if isinstance(model, RNPModel):  # Its own statistics, if per width.
+        rnp = model
+    else:
+        rnp = wrap(model, groups=groups, gate_first=gate_first)
     rows = []
-    for action in range(1, groups + 1):
+    for action in range(1, rnp.groups + 1):
         out = rnp.run(images, actions=action)
         rows.append(
             {
