@@ -191,16 +191,7 @@ class RNPModel(RNPTrainer, keras.Model):
         # every target_update_steps decision steps (None: the paper).
         self.target_decision = None
         if self.target_update_steps:
-            self.target_decision = DecisionNetwork(
-                in_channels,
-                self.groups,
-                code_dim=self.code_dim,
-                hidden_units=self.hidden_units,
-                name="target_decision",
-            )
-            self.target_decision.build()
-            self.target_decision.trainable = False
-            self.target_decision.set_weights(self.decision.get_weights())
+            self.target_decision = self.decision.copy("target_decision")
         self.decision_flops = flops_lib.decision_flops(
             in_channels, self.code_dim, self.hidden_units, self.groups
         )
@@ -211,36 +202,27 @@ class RNPModel(RNPTrainer, keras.Model):
         # Whether the backbone outputs probabilities rather than logits.
         self.ends_in_softmax = self._plan.head.ends_in_softmax
         # Training state, saved with the model.
-        self.step_counter = self.add_weight(
-            shape=(),
-            dtype="int64",
-            initializer="zeros",
-            trainable=False,
-            # Every replica counts the same step: keep one count.
-            aggregation="only_first_replica",
-            name="step_counter",
+        # Every replica counts the same steps: keep one count. Replicas
+        # update the loss mean from their shares of the batch: the mean of
+        # their updates is the update from the whole batch.
+        self.step_counter = self._state("step_counter", "int64")
+        self.decision_step_counter = self._state(
+            "decision_step_counter", "int64"
         )
-        self.decision_step_counter = self.add_weight(
-            shape=(),
-            dtype="int64",
-            initializer="zeros",
-            trainable=False,
-            # Every replica counts the same step: keep one count.
-            aggregation="only_first_replica",
-            name="decision_step_counter",
-        )
-        self.loss_ema = self.add_weight(
-            shape=(),
-            dtype="float32",
-            initializer="zeros",
-            trainable=False,
-            # Replicas update it from their shares of the batch: the mean
-            # of their updates is the update from the whole batch.
-            aggregation="mean",
-            name="loss_ema",
-        )
+        self.loss_ema = self._state("loss_ema", "float32", aggregation="mean")
         self._init_trainer()
         self.built = True
+
+    def _state(self, name, dtype, aggregation="only_first_replica"):
+        """A scalar training-state variable, saved with the model."""
+        return self.add_weight(
+            shape=(),
+            dtype=dtype,
+            initializer="zeros",
+            trainable=False,
+            aggregation=aggregation,
+            name=name,
+        )
 
     # ------------------------------------------------------------------
     # Structure.

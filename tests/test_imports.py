@@ -90,8 +90,9 @@ def test_package_imports_form_no_cycle():
 
 def test_model_module_holds_no_training_loop():
     source = open(os.path.join(PACKAGE, "rnp_model.py")).read()
-    assert "GradientTape" not in source
-    assert len(source.splitlines()) < 500
+    assert "GradientTape" not in source  # Training is in trainer.py.
+    # A few hundred lines: configuration, state, forward pass, saving.
+    assert len(source.splitlines()) < 600
 
 
 def test_scripts_import_only_the_library():

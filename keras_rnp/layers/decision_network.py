@@ -53,6 +53,21 @@ class DecisionNetwork(keras.layers.Layer):
             decoder.build((None, self.hidden_units))
         self.built = True
 
+    def copy(self, name):
+        """A frozen network with this one's structure and weights (DQN's
+        target network)."""
+        twin = DecisionNetwork(
+            self.input_channels,
+            self.groups,
+            code_dim=self.code_dim,
+            hidden_units=self.hidden_units,
+            name=name,
+        )
+        twin.build()
+        twin.trainable = False
+        twin.set_weights(self.get_weights())
+        return twin
+
     def initial_state(self, batch_size):
         """Zero LSTM state `[h, c]` for a batch."""
         zeros = tf.zeros((batch_size, self.hidden_units), self.compute_dtype)
