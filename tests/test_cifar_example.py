@@ -137,6 +137,7 @@ def test_every_step_runs_and_writes_its_results(tmp_path):
     assert not [p for p in os.listdir(work_dir) if p.startswith(".keras_rnp")]
 
 
+@pytest.mark.slow
 def test_supernet_warmup_with_width_aware_statistics(tmp_path):
     data_dir = make_image_folder(tmp_path / "data", classes=3, train=12)
     work_dir = tmp_path / "work"

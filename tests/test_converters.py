@@ -129,25 +129,28 @@ def test_keras_to_rnp_to_saved_model_and_onnx(cnn_file, tmp_path):
             ["--input={cnn}", "--output={out}.onnx", "--opset=99"],
             "error: opset must be an integer >= 13 and <= \\d+",
         ),
-        (
+        pytest.param(
             "rnp_to_onnx.py",
             ["--input={cnn}", "--output={out}.txt"],
             "error: --output must end in .onnx",
+            marks=pytest.mark.slow,
         ),
-        (
+        pytest.param(
             "rnp_to_onnx.py",
             ["--input={cnn}", "--output={out}/missing/m.onnx"],
             "error: the directory of --output does not exist",
+            marks=pytest.mark.slow,
         ),
         (
             "rnp_to_saved_model.py",
             ["--input={dir}", "--output={out}"],
             "error: --input is a directory",
         ),
-        (
+        pytest.param(
             "rnp_to_saved_model.py",
             ["--input={corrupt}", "--output={out}"],
             "error: cannot load a Keras model from .*not a .keras archive",
+            marks=pytest.mark.slow,
         ),
         (
             "keras_to_rnp.py",

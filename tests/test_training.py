@@ -268,7 +268,14 @@ def test_distillation_must_be_a_weight_in_0_1():
         keras_rnp.wrap(small_cnn(), distillation=1.5)
 
 
-@pytest.mark.parametrize("convs", [2, 3, 4])
+@pytest.mark.parametrize(
+    "convs",
+    [
+        2,
+        pytest.param(3, marks=pytest.mark.slow),
+        pytest.param(4, marks=pytest.mark.slow),
+    ],
+)
 def test_decision_network_learns_with_one_to_three_gated_layers(convs):
     # L = convs - 1 (the first convolution is not gated). With L = 1 the
     # bootstrap term used to be empty, which made q_loss NaN on every step
@@ -351,7 +358,9 @@ def test_restoring_best_weights_keeps_the_training_progress():
             np.testing.assert_array_equal(b, r)
 
 
-@pytest.mark.parametrize("width_aware_bn", [False, True])
+@pytest.mark.parametrize(
+    "width_aware_bn", [pytest.param(False, marks=pytest.mark.slow), True]
+)
 def test_sandwich_step_minimizes_full_plus_distilled_narrow_paths(
     width_aware_bn,
 ):

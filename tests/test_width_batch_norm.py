@@ -107,7 +107,7 @@ def test_wrap_gives_every_gated_input_unit_per_width_statistics():
     assert rnp.width_norms[0].moving_mean.shape == (3, 16)
 
 
-@pytest.mark.parametrize("batch", [1, 9])
+@pytest.mark.parametrize("batch", [pytest.param(1, marks=pytest.mark.slow), 9])
 def test_masked_equals_sliced_with_mixed_previous_actions(batch):
     rnp = width_aware_rnp()
     rng = np.random.default_rng(batch)
