@@ -296,38 +296,33 @@ class RNPModel(RNPTrainer, keras.Model):
             `(outputs, actions [B, L] int32, q_values [B, L, k])`, and the
             target network's Q-values last when `target_decision` is given.
         """
-        # Checked before the cast to the compute dtype: onnxruntime has no
-        # IsInf for float16.
-        finite_images = tf.reduce_all(tf.math.is_finite(images), axis=[1, 2, 3])
-        images = tf.cast(images, self.compute_dtype)
         if actions is not None:
-            return execution.forward(
-                self._plan,
-                self.decision,
-                images,
-                lambda t, q: tf.cast(actions[:, t], tf.int32),
-                mode=mode,
-                training=training,
-                target_decision=target_decision,
-            )
-        batch = tf.shape(images)[0]
-        budget = tf.broadcast_to(tf.cast(budget, tf.float32), [batch])
 
-        def choose(t, q):
-            action = policy.greedy_actions(
-                q, budget, self.action_cost[t], finite_images
-            )
-            if epsilon is not None:
-                step = self.step_counter
-                action = policy.explore(
-                    action, epsilon, self.groups, self.seed, step, t
+            def choose(t, q):
+                return tf.cast(actions[:, t], tf.int32)
+
+        else:
+            batch = tf.shape(images)[0]
+            budget = tf.broadcast_to(tf.cast(budget, tf.float32), [batch])
+            # Checked before the cast to the compute dtype: onnxruntime has
+            # no IsInf for float16.
+            finite = tf.reduce_all(tf.math.is_finite(images), axis=[1, 2, 3])
+
+            def choose(t, q):
+                action = policy.greedy_actions(
+                    q, budget, self.action_cost[t], finite
                 )
-            return action
+                if epsilon is not None:
+                    step = self.step_counter
+                    action = policy.explore(
+                        action, epsilon, self.groups, self.seed, step, t
+                    )
+                return action
 
         return execution.forward(
             self._plan,
             self.decision,
-            images,
+            tf.cast(images, self.compute_dtype),
             choose,
             mode=mode,
             training=training,
