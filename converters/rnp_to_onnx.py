@@ -2,8 +2,8 @@
 
     python converters/rnp_to_onnx.py --input=rnp.keras --output=rnp.onnx
 
-Inputs `images` and `budget` (default [0.0]); outputs `logits`,
-`probabilities`, `actions` and `flops`.
+Inputs `images` and `budget` (float32 `[N]` or `[1]`; `[0.0]` is the
+learned policy); outputs `logits`, `probabilities`, `actions` and `flops`.
 """
 
 import common

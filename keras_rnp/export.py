@@ -8,7 +8,6 @@ actions, so the exported graphs save real time, not only counted FLOPs.
 import os
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from keras_rnp import execution
@@ -205,14 +204,18 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
     """Exports an RNPModel to ONNX (through tf2onnx).
 
     The model has two inputs, `images` float32 `[N, H, W, C]` and `budget`
-    float32 (`[N]`, or `[1]` for the whole batch). `budget` has a default of
-    `[0.0]` stored in the file, so a runtime that allows overriding
-    initializers (onnxruntime does) can be fed `images` alone. Outputs:
-    `logits`, `probabilities`, `actions` (int32 `[N, L]`) and `flops`
-    (float32 `[N]`), as in `export_saved_model`.
+    float32 `[N]` (one per image) or `[1]` (one for the batch; `[0.0]` is
+    the learned policy, larger values compute less: see `RNPModel.run`).
+    Both are required inputs that `InferenceSession.get_inputs()` lists; the
+    file's `doc_string` and its metadata (`budget` key) say what `budget`
+    means. Outputs: `logits`, `probabilities`, `actions` (int32 `[N, L]`)
+    and `flops` (float32 `[N]`), as in `export_saved_model`.
 
     The graph computes only the active channel groups of each gated
-    convolution (Gathers group the images by action). The write is atomic.
+    convolution, the kernel slice chosen at run time from one stored
+    kernel: the file holds each weight once. A batch whose images all took
+    one action (always so at batch 1) runs one convolution per layer; a
+    mixed batch loops over the action groups present. The write is atomic.
 
     ONNX graphs cannot raise errors: where the SavedModel refuses a
     negative or non-finite budget and forced actions outside `1..groups`,
@@ -224,12 +227,6 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
     A model under the `mixed_float16` policy computes in float16 in ONNX
     too; one under `mixed_bfloat16` is refused (onnxruntime has no
     bfloat16 convolution).
-
-    Limits: tf2onnx folds each (previous action, action) slice of each
-    gated kernel into a constant of its own, so the file and the
-    converter's memory grow with the weights times about `(k + 1)^2 / 4`.
-    CIFAR-size networks convert in seconds; VGG-16 (138M parameters) at
-    `groups=4` ran out of 24 GB of memory in tf2onnx's optimizer.
 
     Args:
         rnp: the `keras_rnp.RNPModel`.
@@ -246,7 +243,6 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
     """
     import onnx
     import tf2onnx
-    from onnx import numpy_helper
 
     _check_model(rnp)
     check_opset(opset)
@@ -271,12 +267,30 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
         opset=opset,
     )
     _name_inputs(model_proto, [spec.name for spec in signature])
-    if not forced_actions:
-        default = numpy_helper.from_array(np.zeros([1], np.float32), "budget")
-        model_proto.graph.initializer.append(default)
+    second = FORCED_ACTIONS_DOC if forced_actions else BUDGET_DOC
+    model_proto.doc_string = (
+        f"keras_rnp RNP model ({rnp.num_gated_layers} gated layers, "
+        f"{rnp.groups} channel groups). Inputs: images float32 "
+        f"[N, {', '.join(map(str, rnp.image_shape))}]; {second} Outputs: "
+        "logits, probabilities, actions int32 [N, L] (channel groups "
+        "computed per gated layer), flops float32 [N] (per image)."
+    )
+    key = "forced_actions" if forced_actions else "budget"
+    onnx.helper.set_model_props(model_proto, {key: second})
     with atomic_path(path, is_dir=False) as staging:
         onnx.save(model_proto, staging)
     return os.fspath(path)
+
+
+BUDGET_DOC = (
+    "budget float32 [N] (one per image) or [1] (one for the batch): the "
+    "run-time trade-off, a_t = argmax_a [Q(s_t, a) - budget * cost_t(a)]; "
+    "0 is the learned policy, larger values compute fewer channel groups."
+)
+FORCED_ACTIONS_DOC = (
+    "forced_actions int32 [N, L]: the channel groups to compute at each "
+    "gated layer, 1..groups (clipped)."
+)
 
 
 def check_opset(opset):

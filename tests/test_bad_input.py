@@ -9,6 +9,8 @@ from helpers import spread_decisions
 
 import keras_rnp
 
+ZERO = np.zeros([1], np.float32)  # The ONNX model's budget input.
+
 
 @pytest.fixture(scope="module")
 def rnp():
@@ -76,7 +78,7 @@ def test_empty_batch_gives_empty_outputs_everywhere(rnp, serving, onnx_session):
     served = serving["serving_default"](images=tf.constant(empty))
     assert served["logits"].shape == (0, 5)
     assert served["actions"].shape == (0, 2)
-    out = helpers.onnx_outputs(onnx_session, {"images": empty})
+    out = helpers.onnx_outputs(onnx_session, {"images": empty, "budget": ZERO})
     assert out["logits"].shape == (0, 5) and out["actions"].shape == (0, 2)
 
 
@@ -112,7 +114,9 @@ def test_exports_run_batches_of_1_and_512(rnp, serving, onnx_session):
     for batch in (x[:1], x):
         n = len(batch)
         served = serving["serving_default"](images=tf.constant(batch))
-        onnx = helpers.onnx_outputs(onnx_session, {"images": batch})
+        onnx = helpers.onnx_outputs(
+            onnx_session, {"images": batch, "budget": ZERO}
+        )
         for got in (served["actions"].numpy(), onnx["actions"]):
             np.testing.assert_array_equal(got, want["actions"].numpy()[:n])
         for got in (served["logits"].numpy(), onnx["logits"]):
@@ -155,7 +159,7 @@ def test_nan_and_inf_pixels_take_the_full_network(
         served["logits"].numpy(),
         clean_logits,
     )
-    out = helpers.onnx_outputs(onnx_session, {"images": x})
+    out = helpers.onnx_outputs(onnx_session, {"images": x, "budget": ZERO})
     check_non_finite_images(
         clean_actions, out["actions"], out["logits"], clean_logits
     )
@@ -191,10 +195,16 @@ def test_onnx_names_wrong_shapes_and_neutralizes_bad_budgets(
     rnp, images, onnx_session
 ):
     with pytest.raises(Exception, match="(?s)images.*Got: 12 Expected: 10"):
-        onnx_session.run(None, {"images": np.zeros((2, 12, 10, 3), "f4")})
+        onnx_session.run(
+            None, {"images": np.zeros((2, 12, 10, 3), "f4"), "budget": ZERO}
+        )
     with pytest.raises(Exception, match="(?i)type.*tensor\\(float\\)"):
-        onnx_session.run(None, {"images": np.zeros((2, 10, 10, 3), "f8")})
-    zero = helpers.onnx_outputs(onnx_session, {"images": images})["actions"]
+        onnx_session.run(
+            None, {"images": np.zeros((2, 10, 10, 3), "f8"), "budget": ZERO}
+        )
+    zero = helpers.onnx_outputs(
+        onnx_session, {"images": images, "budget": ZERO}
+    )["actions"]
     large = helpers.onnx_outputs(
         onnx_session, {"images": images, "budget": np.array([9.0], "f4")}
     )["actions"]

@@ -79,7 +79,8 @@ def test_keras_to_rnp_to_saved_model_and_onnx(cnn_file, tmp_path):
     session = ort.InferenceSession(
         str(onnx_file), providers=["CPUExecutionProvider"]
     )
-    logits = session.run(["logits"], {"images": x})[0]
+    budget = np.zeros([1], np.float32)
+    logits = session.run(["logits"], {"images": x, "budget": budget})[0]
     np.testing.assert_allclose(logits, rnp.run(x)["logits"], atol=1e-4)
 
 

@@ -42,10 +42,8 @@ def onnx_session(rnp, tmp_path_factory):
     return helpers.onnx_session(path)
 
 
-def onnx_run(session, images, budget=None):
-    feeds = {"images": images}
-    if budget is not None:
-        feeds["budget"] = np.asarray(budget, np.float32)
+def onnx_run(session, images, budget=(0.0,)):
+    feeds = {"images": images, "budget": np.asarray(budget, np.float32)}
     return helpers.onnx_outputs(session, feeds)
 
 
@@ -164,11 +162,63 @@ def test_decisions_are_spread_so_parity_means_something(rnp, images):
     np.testing.assert_array_equal(huge, 1)
 
 
-def test_onnx_budget_default_and_empty_batch(onnx_session, images):
+def test_onnx_budget_is_a_listed_documented_input_and_empty_batch(
+    onnx_session, images
+):
+    inputs = onnx_session.get_inputs()
+    assert [(i.name, i.type) for i in inputs] == [
+        ("images", "tensor(float)"),
+        ("budget", "tensor(float)"),
+    ]
+    meta = onnx_session.get_modelmeta()
+    assert "budget float32 [N]" in meta.description
+    assert "larger values compute fewer" in meta.custom_metadata_map["budget"]
     out = onnx_run(onnx_session, images, budget=[1e6])
     np.testing.assert_array_equal(out["actions"], 1)
     out = onnx_run(onnx_session, images[:0])
     assert out["logits"].shape == (0, 5) and out["actions"].shape == (0, 2)
+
+
+def _onnx_graph_facts(path):
+    """Weights stored (elements of all initializers and constants) and
+    the Conv nodes, in the graph and every subgraph."""
+    import onnx
+
+    model = onnx.load(str(path))
+    stored, convs = 0, 0
+
+    def visit(graph):
+        nonlocal stored, convs
+        for tensor in graph.initializer:
+            stored += int(np.prod(tensor.dims))
+        for node in graph.node:
+            convs += node.op_type == "Conv"
+            for attribute in node.attribute:
+                if attribute.t.dims:
+                    stored += int(np.prod(attribute.t.dims))
+                if attribute.g.node:
+                    visit(attribute.g)
+                for graph in attribute.graphs:
+                    visit(graph)
+
+    visit(model.graph)
+    return stored, convs
+
+
+def test_onnx_stores_each_weight_once(rnp, tmp_path):
+    path = keras_rnp.export_onnx(rnp, tmp_path / "m.onnx")
+    stored, convs = _onnx_graph_facts(path)
+    # small_cnn: 3x3 convs 3->8 and 8->16 with biases, 16->12 without,
+    # each followed by a batch norm (4 vectors), a 12->5 dense head.
+    backbone = (27 * 8 + 8) + (72 * 16 + 16) + 144 * 12 + 4 * (8 + 16 + 12)
+    backbone += 12 * 5 + 5
+    weights = backbone + sum(np.prod(w.shape) for w in rnp.decision.weights)
+    # Before run-time slicing every (previous action, action) pair had its
+    # own folded copy of a gated kernel: about 6x the weights at k = 4.
+    assert 0.9 * weights <= stored <= 1.1 * weights + 200
+    # One convolution per gated layer in each of the two branches
+    # (a uniform batch, a mixed batch), not one per action pair.
+    assert convs == 2 * rnp.num_gated_layers + 1  # + the first, not gated
 
 
 def test_flatten_head_and_softmax_output_export(tmp_path):

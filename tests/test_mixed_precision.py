@@ -111,7 +111,9 @@ def test_exports_match_keras(policy, tmp_path):
         assert not (tmp_path / "m.onnx").exists()
         return
     onnx_path = keras_rnp.export_onnx(rnp, tmp_path / "m.onnx")
-    got = onnx_outputs(onnx_session(onnx_path), {"images": x})
+    got = onnx_outputs(
+        onnx_session(onnx_path), {"images": x, "budget": np.zeros([1], "f4")}
+    )
     np.testing.assert_array_equal(got["actions"], want["actions"])
     tolerance = TOLERANCE[policy]
     np.testing.assert_allclose(

@@ -106,6 +106,7 @@ class GatedConv2D(keras.layers.Layer):
         # Width-aware statistics for the tail's batch norms, by position.
         self.width_norms = {}
         self.in_channels = None
+        self.input_spatial_shape = None
         self.full_flops = None
         self.unit_output_shape = None
 
@@ -132,6 +133,7 @@ class GatedConv2D(keras.layers.Layer):
     def _describe(self, input_shape):
         conv_out = self.conv.compute_output_shape(tuple(input_shape))
         self.in_channels = int(input_shape[-1])
+        self.input_spatial_shape = tuple(input_shape[1:-1])
         self.full_flops = flops_lib.layer_flops(
             self.conv, input_shape, conv_out
         )
@@ -206,8 +208,9 @@ class GatedConv2D(keras.layers.Layer):
         Args:
             x: `[B, H, W, C]` with `C >= in_active`; channels past
                 `in_active` are ignored.
-            in_active: input channels to read (a Python int).
-            out_active: output channels to compute (a Python int).
+            in_active: input channels to read (a Python int or a scalar
+                int32 tensor).
+            out_active: output channels to compute (likewise).
 
         Returns:
             `[B, H', W', out_active]`, equal (up to rounding) to the first
@@ -218,16 +221,18 @@ class GatedConv2D(keras.layers.Layer):
         which no later reshape in the graph repairs.
         """
         conv = self.conv
-        if x.shape[-1] != in_active:
-            x = x[..., :in_active]
+        if not isinstance(in_active, int) or in_active != x.shape[-1]:
+            x = x[:, :, :, :in_active]
+        # Known spatial sizes for tf2onnx, which converts the branches of
+        # `execution`'s control flow without TensorFlow's shape inference.
+        x = tf.ensure_shape(x, (None, *self.input_spatial_shape, None))
         # Folded in float32 (batch norm's statistics are float32), then
-        # cast to the compute dtype (mixed precision).
-        kernel = tf.cast(conv.kernel, tf.float32)
-        bias = tf.cast(conv.bias, tf.float32) if conv.use_bias else None
-        # Slice only what is cut: a slice of a variable is a copy.
-        if (in_active, out_active) != tuple(kernel.shape[2:]):
-            kernel = kernel[:, :, :in_active, :out_active]
-            bias = None if bias is None else bias[:out_active]
+        # cast to the compute dtype (mixed precision). The slice may be
+        # chosen at run time (tensor sizes): the unit keeps one kernel.
+        kernel = tf.cast(conv.kernel[:, :, :in_active, :out_active], tf.float32)
+        bias = None
+        if conv.use_bias:
+            bias = tf.cast(conv.bias[:out_active], tf.float32)
         width = self.groups
         if self.in_gated:
             width = in_active // (self.in_channels // self.groups)
@@ -244,7 +249,10 @@ class GatedConv2D(keras.layers.Layer):
             scale, offset = affine(*tail.pop(0))
             kernel = kernel * scale
             bias = offset if bias is None else bias * scale + offset
-        kernel = tf.cast(kernel, x.dtype)
+        # A known rank for tf2onnx, which converts the convolution inside
+        # a loop without TensorFlow's shape inference.
+        size = list(conv.kernel_size) + [in_active, out_active]
+        kernel = tf.reshape(tf.cast(kernel, x.dtype), size)
         bias = None if bias is None else tf.cast(bias, x.dtype)
         y = tf.nn.conv2d(
             x,

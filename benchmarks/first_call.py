@@ -1,0 +1,196 @@
+"""How long the first calls and the exports take, and what they cost.
+
+Each measurement runs in a fresh Python process (a first call is first
+only once, and peak memory is per process): the first `rnp.run()` and
+`rnp.predict()` of a freshly wrapped model, `export_saved_model`, and
+`export_onnx` beside tf2onnx's export of the plain backbone (the file
+sizes side by side). Prints a table and writes JSON (`--output`).
+
+    python benchmarks/first_call.py                       # toys and VGG-16
+    python benchmarks/first_call.py --models=toy2,toy4,toy8
+
+Models: `toyL`, L gated 3x3 convolutions of 8 filters on 32x32 images
+(the deployment issue's toy networks); `vgg16`, `keras.applications.VGG16`
+(weights=None) at 224x224. Random weights: time does not depend on them.
+"""
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["toy2", "toy4", "toy8", "vgg16"], "Networks.")
+flags.DEFINE_list(
+    "measures",
+    ["run", "predict", "saved_model", "onnx", "plain_onnx"],
+    "What to time, each in a fresh process.",
+)
+flags.DEFINE_integer("groups", 4, "Channel groups per gated layer.")
+flags.DEFINE_string(
+    "output", "benchmarks/results/first_call.json", "Where to write JSON."
+)
+flags.DEFINE_string("one", None, "Internal: run one 'model:measure' here.")
+
+MEASURES = ("run", "predict", "saved_model", "onnx", "plain_onnx")
+
+
+def build(name, groups):
+    import keras
+
+    from keras_rnp import backbones
+
+    keras.utils.set_random_seed(0)
+    if name == "vgg16":
+        return backbones.vgg16()
+    if name.startswith("toy") and name[3:].isdigit():
+        layers = [keras.Input((32, 32, 3))]
+        for _ in range(int(name[3:])):
+            layers += [
+                keras.layers.Conv2D(8, 3, padding="same"),
+                keras.layers.BatchNormalization(),
+                keras.layers.ReLU(),
+            ]
+        layers += [
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(10),
+        ]
+        return keras.Sequential(layers, name=name)
+    raise app.UsageError(
+        f"--models expects vgg16 or toyL (L an integer). Received: {name!r}"
+    )
+
+
+def measure_one(name, measure, groups):
+    """Times one measure in this (fresh) process; returns a dict."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import numpy as np
+    import tensorflow as tf
+
+    import keras_rnp
+
+    backbone = build(name, groups)
+    rnp = keras_rnp.wrap(backbone, groups=groups, gate_first=True)
+    images = (
+        np.random.default_rng(0)
+        .normal(size=(1, *rnp.image_shape))
+        .astype("float32")
+    )
+    result = {"model": name, "measure": measure}
+    with tempfile.TemporaryDirectory() as workdir:
+        start = time.perf_counter()
+        if measure == "run":
+            rnp.run(images)["logits"].numpy()
+        elif measure == "predict":
+            rnp.predict(images, verbose=0)
+        elif measure == "saved_model":
+            keras_rnp.export_saved_model(rnp, os.path.join(workdir, "m"))
+        elif measure == "onnx":
+            path = os.path.join(workdir, "m.onnx")
+            keras_rnp.export_onnx(rnp, path)
+            result["bytes"] = os.path.getsize(path)
+        elif measure == "plain_onnx":
+            import tf2onnx
+
+            path = os.path.join(workdir, "plain.onnx")
+            spec = tf.TensorSpec((None, *rnp.image_shape), name="images")
+            tf2onnx.convert.from_function(
+                tf.function(lambda x: backbone(x, training=False)),
+                input_signature=[spec],
+                opset=17,
+                output_path=path,
+            )
+            result["bytes"] = os.path.getsize(path)
+        result["seconds"] = time.perf_counter() - start
+    # ru_maxrss is in KiB on Linux: the peak of this whole process.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["peak_bytes"] = peak
+    return result
+
+
+def format_row(row):
+    size = f"{row['bytes'] / 2**20:9.2f}" if "bytes" in row else " " * 9
+    if "error" in row:
+        return f"{row['model']:<6} {row['measure']:<12} {row['error']}"
+    return (
+        f"{row['model']:<6} {row['measure']:<12} {row['seconds']:9.2f} "
+        f"{row['peak_bytes'] / 2**30:8.2f} {size}"
+    )
+
+
+HEADER = (
+    f"{'model':<6} {'measure':<12} {'seconds':>9} {'peak GiB':>8} {'MiB':>9}"
+)
+
+
+def main(argv):
+    del argv
+    if FLAGS.one:
+        name, measure = FLAGS.one.split(":")
+        print(json.dumps(measure_one(name, measure, FLAGS.groups)))
+        return
+    unknown = set(FLAGS.measures) - set(MEASURES)
+    if unknown:
+        raise app.UsageError(
+            f"--measures expects some of {list(MEASURES)}. Received: "
+            f"{sorted(unknown)}"
+        )
+    for name in FLAGS.models:
+        build(name, FLAGS.groups)  # Fails early on a bad name.
+    print(HEADER, flush=True)
+    rows = []
+    for name in FLAGS.models:
+        for measure in FLAGS.measures:
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    f"--one={name}:{measure}",
+                    f"--groups={FLAGS.groups}",
+                ],
+                capture_output=True,
+                text=True,
+            )
+            lines = done.stdout.strip().splitlines()
+            if done.returncode or not lines:
+                error = (done.stderr.strip().splitlines() or ["failed"])[-1]
+                row = {"model": name, "measure": measure, "error": error}
+            else:
+                row = json.loads(lines[-1])
+            rows.append(row)
+            print(format_row(row), flush=True)
+            write_results(rows)
+    print(f"Wrote {FLAGS.output}")
+
+
+def write_results(rows):
+    import tensorflow as tf
+
+    result = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "tensorflow": tf.__version__,
+        },
+        "flags": {
+            "models": FLAGS.models,
+            "measures": FLAGS.measures,
+            "groups": FLAGS.groups,
+        },
+        "rows": rows,
+    }
+    from keras_rnp import io_utils
+
+    io_utils.write_json(FLAGS.output, result)
+
+
+if __name__ == "__main__":
+    app.run(main)
