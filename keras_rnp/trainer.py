@@ -137,15 +137,18 @@ class RNPTrainer:
         return history
 
     def make_train_function(self, force=False):
-        """Under a strategy with several replicas, one compiled function per
-        phase, chosen on the host before each step.
+        """Under a distribution strategy, one compiled function per phase,
+        chosen on the host before each step.
 
-        The optimizers' updates are synchronization points between
-        replicas, which tf.distribute does not allow inside a `tf.cond`;
-        on one device the phase is picked inside the graph instead.
+        The optimizers' updates and the assignments of mirrored variables
+        are synchronization points between replicas, which tf.distribute
+        does not allow inside a `tf.cond` (even with one replica); without
+        a strategy the phase is picked inside the graph instead.
         """
         replicas = self.distribute_strategy.num_replicas_in_sync
-        if replicas == 1 or (self.train_function is not None and not force):
+        if not self._distributed() or (
+            self.train_function is not None and not force
+        ):
             return super().make_train_function(force)
         if self.steps_per_execution > 1:
             raise ValueError(
@@ -183,6 +186,14 @@ class RNPTrainer:
 
         self.train_function = train_function
         return train_function
+
+    def _distributed(self):
+        """Whether the model was built under a tf.distribute strategy
+        (Keras keeps it in `_distribute_strategy`), or runs on several
+        replicas."""
+        strategy = getattr(self, "_distribute_strategy", None)
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        return strategy is not None or replicas > 1
 
     def train_step(self, data):
         return self._train_step(data, phase=None)
@@ -238,8 +249,8 @@ class RNPTrainer:
         gradients = tape.gradient(scaled, variables)
         self.decision_optimizer.apply(gradients, variables)
         self.decision_step_counter.assign_add(1)
-        if self.target_decision is not None and _num_replicas() == 1:
-            # Under several replicas the host does it (make_train_function).
+        if self.target_decision is not None and not self._distributed():
+            # Under a strategy the host does it (make_train_function).
             due = tf.math.floormod(
                 self.decision_step_counter, self.target_update_steps
             )

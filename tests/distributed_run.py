@@ -76,7 +76,14 @@ def main():
     two = train(
         tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), images, labels
     )
-    json.dump({"one": one, "two": two}, sys.stdout)
+    # One replica, mirrored (the README's MirroredStrategy() on a machine
+    # with one device): mirrored variables even so.
+    mirrored_one = train(
+        tf.distribute.MirroredStrategy(["/cpu:0"]), images, labels
+    )
+    json.dump(
+        {"one": one, "two": two, "mirrored_one": mirrored_one}, sys.stdout
+    )
 
 
 if __name__ == "__main__":

@@ -22,5 +22,12 @@ def test_mirrored_strategy_matches_one_device():
         np.testing.assert_allclose(
             two["history"][key], values, rtol=1e-4, err_msg=key
         )
+    # One mirrored replica: the phases' updates and assignments of
+    # mirrored variables cannot sit inside a tf.cond there either.
+    mirrored = runs["mirrored_one"]
+    assert mirrored["replicas"] == 1
+    assert mirrored["step_counter"] == 12
+    for a, b in zip(one["weights"], mirrored["weights"], strict=True):
+        np.testing.assert_allclose(np.array(b), np.array(a), atol=1e-5)
     # Training moved the weights: the comparison is not of two no-ops.
     assert one["history"]["q_loss"][0] != one["history"]["q_loss"][-1]
