@@ -143,6 +143,11 @@ class Config:
         "input width (see keras_rnp.wrap); the warm-up's statistics carry "
         "over to every penalty's model.",
     )
+    width_aware_affine: bool = setting(
+        False,
+        "With --width_aware_bn, each input width also gets its own "
+        "batch-norm gamma and beta (see keras_rnp.wrap).",
+    )
     sandwich_paths: int = setting(
         0,
         "Train the warm-up as a supernet: each step trains the full path on "
@@ -443,6 +448,7 @@ def _rnp_start(config, train):
             distillation=0.0 if config.sandwich_paths else config.distillation,
             sandwich_paths=config.sandwich_paths,
             width_aware_bn=config.width_aware_bn,
+            width_aware_affine=config.width_aware_affine,
             seed=config.seed,
         )
         rnp.compile(
@@ -492,6 +498,7 @@ def train_rnp(config):
                     groups=config.groups,
                     gate_first=config.gate_first,
                     width_aware_bn=config.width_aware_bn,
+                    width_aware_affine=config.width_aware_affine,
                 )
             rnp = make(
                 start,

@@ -222,7 +222,9 @@ class Plan:
         )
 
 
-def plan_chain(model, groups, gate_first=False, width_aware=False):
+def plan_chain(
+    model, groups, gate_first=False, width_aware=False, width_affine=False
+):
     """Reads a chain CNN and cuts it into gated units.
 
     Args:
@@ -320,7 +322,12 @@ def plan_chain(model, groups, gate_first=False, width_aware=False):
     for t, (conv, tail) in enumerate(units):
         # Only the first gated convolution can read an ungated input.
         unit = GatedConv2D(
-            conv, tail, groups=groups, in_gated=t > 0, width_aware=width_aware
+            conv,
+            tail,
+            groups=groups,
+            in_gated=t > 0,
+            width_aware=width_aware,
+            width_affine=width_affine,
         )
         unit.build(conv.input.shape)
         gated_units.append(unit)

@@ -86,6 +86,10 @@ class RNPModel(RNPTrainer, keras.Model):
             action), so that every width is normalised with its own
             statistics in training, inference and the exports; False (the
             paper) shares one set across widths.
+        width_aware_affine: with `width_aware_bn`, also give each input
+            width its own batch-norm gamma and beta (trainable, starting
+            from the batch norm's), as slimmable networks' private batch
+            norms do.
         sandwich_paths: supernet training in the fine-tuning steps, the
             sandwich rule of slimmable networks: with `n > 0` each step
             trains the full path on the labels and `n` narrower paths
@@ -133,6 +137,7 @@ class RNPModel(RNPTrainer, keras.Model):
         alpha_momentum=0.99,
         seed=None,
         width_aware_bn=False,
+        width_aware_affine=False,
         sandwich_paths=0,
         target_update_steps=0,
         double_dqn=False,
@@ -160,6 +165,7 @@ class RNPModel(RNPTrainer, keras.Model):
         self.gate_first = bool(gate_first)
         self.alpha_momentum = float(alpha_momentum)
         self.width_aware_bn = bool(width_aware_bn)
+        self.width_aware_affine = bool(width_aware_affine)
         self.sandwich_paths = int(sandwich_paths)
         self.target_update_steps = int(target_update_steps)
         self.double_dqn = bool(double_dqn)
@@ -170,7 +176,11 @@ class RNPModel(RNPTrainer, keras.Model):
         self.seed = seed
 
         self._plan = planner.plan_chain(
-            backbone, self.groups, self.gate_first, self.width_aware_bn
+            backbone,
+            self.groups,
+            self.gate_first,
+            self.width_aware_bn,
+            self.width_aware_affine,
         )
         # Per-width batch-norm statistics (tracked here, so saved).
         self.width_norms = [
@@ -532,6 +542,7 @@ _ARGUMENTS = (
     "alpha_momentum",
     "seed",
     "width_aware_bn",
+    "width_aware_affine",
     "sandwich_paths",
     "target_update_steps",
     "double_dqn",

@@ -84,7 +84,7 @@ class RNPTrainer:
             self.decision_optimizer = keras.optimizers.LossScaleOptimizer(
                 self.decision_optimizer
             )
-        self.optimizer.build(self.backbone.trainable_variables)
+        self.optimizer.build(self._network_variables())
         self.decision_optimizer.build(self.decision.trainable_variables)
 
     @property
@@ -291,8 +291,16 @@ class RNPTrainer:
         self._update_metrics(x, y, logits, actions, sample_weight, loss)
         return tf.constant(0)
 
+    def _network_variables(self):
+        """What fine-tuning trains: the backbone's variables and the
+        per-width gammas and betas (`width_aware_affine`), if any."""
+        variables = list(self.backbone.trainable_variables)
+        for norm in self.width_norms:
+            variables += norm.trainable_variables
+        return variables
+
     def _update_backbone(self, tape, scaled_loss):
-        variables = self.backbone.trainable_variables
+        variables = self._network_variables()
         gradients = tape.gradient(scaled_loss, variables)
         self.optimizer.apply(gradients, variables)
 

@@ -156,6 +156,12 @@ def check_model_arguments(arguments):
     check_int(
         "target_update_steps", arguments["target_update_steps"], minimum=0
     )
+    if arguments["width_aware_affine"] and not arguments["width_aware_bn"]:
+        raise ValueError(
+            "width_aware_affine gives each width's batch-norm statistics "
+            "their own gamma and beta: it needs width_aware_bn=True. "
+            "Received: width_aware_affine=True, width_aware_bn=False."
+        )
     if arguments["sandwich_paths"] and arguments["distillation"]:
         raise ValueError(
             "sandwich_paths already distills every narrow path from the "

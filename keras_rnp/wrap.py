@@ -86,6 +86,7 @@ _STRUCTURE = (
     "groups",
     "gate_first",
     "width_aware_bn",
+    "width_aware_affine",
     "code_dim",
     "hidden_units",
 )
@@ -105,7 +106,8 @@ def rewrap(rnp, **kwargs):
         **kwargs: `RNPModel` arguments to change (penalty, decision_steps,
             backbone_steps, the epsilon schedule, sandwich_paths, ...).
             Those that fix the model's structure (groups, gate_first,
-            width_aware_bn, code_dim, hidden_units) cannot change.
+            width_aware_bn, width_aware_affine, code_dim, hidden_units)
+            cannot change.
 
     Returns:
         A new, uncompiled `keras_rnp.RNPModel`.

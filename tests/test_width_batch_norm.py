@@ -215,3 +215,94 @@ def test_rewrap_gives_the_target_network_the_trained_decision_weights():
         new.target_decision.weights, rnp.decision.weights, strict=True
     ):
         np.testing.assert_array_equal(target.numpy(), online.numpy())
+
+
+def test_per_width_gamma_and_beta_against_numpy():
+    bn = batch_norm()
+    norm = WidthBatchNorm(groups=3, channels=6, affine=True)
+    norm.copy_affine_from(bn)
+    gamma, beta, mean, var = bn.get_weights()
+    # Copied from the batch norm: a new model computes what it did.
+    np.testing.assert_allclose(norm.gamma, np.tile(gamma, (2, 1)))
+    np.testing.assert_allclose(norm.beta, np.tile(beta, (2, 1)))
+    rng = np.random.default_rng(3)
+    norm.gamma.assign(rng.uniform(0.5, 1.5, (2, 6)))
+    norm.beta.assign(rng.normal(0, 0.5, (2, 6)))
+    norm.moving_mean.assign(rng.normal(size=(2, 6)))
+    norm.moving_variance.assign(rng.uniform(0.5, 2, (2, 6)))
+    y = rng.normal(size=(3, 4, 4, 6)).astype("float32")
+    width = np.array([2, 3, 1])
+    out = norm.normalize(tf.constant(y), bn, tf.constant(width), False)
+    means = np.concatenate([norm.moving_mean.numpy(), mean[None]])
+    variances = np.concatenate([norm.moving_variance.numpy(), var[None]])
+    gammas = np.concatenate([norm.gamma.numpy(), gamma[None]])
+    betas = np.concatenate([norm.beta.numpy(), beta[None]])
+    expected = [
+        (y[i] - means[w - 1]) / np.sqrt(variances[w - 1] + 1e-3) * gammas[w - 1]
+        + betas[w - 1]
+        for i, w in enumerate(width)
+    ]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    for i, w in enumerate(width):  # The sliced path's folded form.
+        scale, offset = norm.affine(bn, int(w), 4)
+        np.testing.assert_allclose(
+            y[i, ..., :4] * scale + offset, expected[i][..., :4], atol=1e-5
+        )
+
+
+def test_per_width_affine_model_masked_sliced_exports_and_training(tmp_path):
+    from helpers import onnx_outputs
+    from helpers import onnx_session
+
+    rnp = keras_rnp.wrap(
+        small_cnn(),
+        groups=4,
+        gate_first=True,
+        width_aware_bn=True,
+        width_aware_affine=True,
+        seed=0,
+    )
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(6, 10, 10, 3)).astype("float32")
+    # Starts as the backbone: every width's gamma and beta are its own.
+    np.testing.assert_allclose(
+        rnp.run(x, actions=4)["logits"], rnp.backbone(x), atol=1e-5
+    )
+    for norm in rnp.width_norms:
+        norm.gamma.assign(rng.uniform(0.5, 1.5, norm.gamma.shape))
+        norm.beta.assign(rng.normal(0, 0.3, norm.beta.shape))
+    actions = rng.integers(1, 5, size=(6, 3))
+    actions[:, 0] = [1, 2, 3, 1, 2, 3]  # Narrow inputs to units 1 and 2.
+    masked, _, _ = rnp.forward(tf.constant(x), actions=tf.constant(actions))
+    sliced = rnp.run(x, actions=actions)["logits"]
+    np.testing.assert_allclose(sliced, masked, rtol=1e-4, atol=1e-4)
+    path = keras_rnp.export_onnx(rnp, tmp_path / "m.onnx", forced_actions=True)
+    got = onnx_outputs(
+        onnx_session(path),
+        {"images": x, "forced_actions": actions.astype("int32")},
+    )
+    np.testing.assert_allclose(got["logits"], masked, rtol=1e-4, atol=1e-4)
+    # Saved and loaded with the rest; trainable, and trained by fit.
+    rnp.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(
+        loaded.run(x, actions=actions)["logits"], sliced, atol=1e-6
+    )
+    gammas = [norm.gamma.numpy() for norm in rnp.width_norms]
+    trainable = {id(w) for w in rnp.trainable_weights}
+    assert all(id(norm.gamma) in trainable for norm in rnp.width_norms)
+    rnp = keras_rnp.rewrap(
+        rnp, decision_steps=0, backbone_epsilon=1.0, sandwich_paths=1
+    )
+    rnp.compile(optimizer=keras.optimizers.SGD(0.1))
+    rnp.fit(x, rng.integers(0, 5, 6), epochs=2, batch_size=6, verbose=0)
+    moved = [
+        not np.allclose(norm.gamma.numpy(), before)
+        for norm, before in zip(rnp.width_norms, gammas, strict=True)
+    ]
+    assert all(moved)
+
+
+def test_per_width_affine_needs_per_width_statistics():
+    with pytest.raises(ValueError, match="needs width_aware_bn=True"):
+        keras_rnp.wrap(small_cnn(), width_aware_affine=True)

@@ -38,6 +38,8 @@ class GatedConv2D(keras.layers.Layer):
             of the tail one set of statistics per input width (the
             previous action; see `WidthBatchNorm`), instead of one set for
             all widths.
+        width_affine: with `width_aware`, also give each input width its
+            own batch-norm gamma and beta (see `WidthBatchNorm`).
         **kwargs: base `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -72,6 +74,7 @@ class GatedConv2D(keras.layers.Layer):
         groups=4,
         in_gated=False,
         width_aware=False,
+        width_affine=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -102,6 +105,7 @@ class GatedConv2D(keras.layers.Layer):
         self.groups = groups
         self.in_gated = bool(in_gated)
         self.width_aware = bool(width_aware)
+        self.width_affine = bool(width_affine)
         self.out_channels = conv.filters
         # Width-aware statistics for the tail's batch norms, by position.
         self.width_norms = {}
@@ -123,11 +127,14 @@ class GatedConv2D(keras.layers.Layer):
         if self.width_aware and self.in_gated:
             for i, layer in enumerate(self.tail):
                 if isinstance(layer, _L.BatchNormalization):
-                    self.width_norms[str(i)] = WidthBatchNorm(
+                    norm = WidthBatchNorm(
                         self.groups,
                         layer.moving_mean.shape[0],
+                        affine=self.width_affine,
                         name=f"{layer.name}_widths",
                     )
+                    norm.copy_affine_from(layer)
+                    self.width_norms[str(i)] = norm
         self.built = True
 
     def _describe(self, input_shape):
@@ -283,6 +290,7 @@ class GatedConv2D(keras.layers.Layer):
             "groups": self.groups,
             "in_gated": self.in_gated,
             "width_aware": self.width_aware,
+            "width_affine": self.width_affine,
         }
 
 

@@ -6,7 +6,9 @@ runs at several widths with one set of statistics normalises each width
 with the others' (Slimmable networks, Yu et al., ICLR 2019). This keeps
 one set of moving statistics per previous action; the batch norm's own
 set serves the full width, so the plain network (`strip()`) keeps its
-full-width statistics.
+full-width statistics. With `affine=True` each width also has its own
+scale and offset (gamma and beta), as slimmable networks' private batch
+norms do.
 """
 
 import keras
@@ -24,13 +26,18 @@ class WidthBatchNorm(keras.layers.Layer):
     Args:
         groups: channel groups `k` of the previous gated layer.
         channels: channels the batch norm normalises.
+        affine: also keep a trainable gamma and beta per width `1..k-1`
+            (the batch norm's own serve the full width), initialised to
+            ones and zeros; `GatedConv2D` copies the batch norm's into them
+            when it builds, so a new model computes what the backbone did.
         **kwargs: base `keras.layers.Layer` arguments.
     """
 
-    def __init__(self, groups, channels, **kwargs):
+    def __init__(self, groups, channels, affine=False, **kwargs):
         super().__init__(**kwargs)
         self.groups = int(groups)
         self.channels = int(channels)
+        self.affine_per_width = bool(affine)
         shape = (self.groups - 1, self.channels)
         self.moving_mean = self.add_weight(
             shape=shape,
@@ -48,7 +55,39 @@ class WidthBatchNorm(keras.layers.Layer):
             aggregation="mean",
             name="moving_variance",
         )
+        self.gamma = self.beta = None
+        if self.affine_per_width:
+            self.gamma = self.add_weight(
+                shape=shape, initializer="ones", autocast=False, name="gamma"
+            )
+            self.beta = self.add_weight(
+                shape=shape, initializer="zeros", autocast=False, name="beta"
+            )
         self.built = True
+
+    def copy_affine_from(self, batch_norm):
+        """Sets every width's gamma and beta to the batch norm's."""
+        if not self.affine_per_width:
+            return
+        rows = (self.groups - 1, 1)
+        if batch_norm.scale:
+            self.gamma.assign(tf.tile(batch_norm.gamma[None], rows))
+        if batch_norm.center:
+            self.beta.assign(tf.tile(batch_norm.beta[None], rows))
+
+    def scale_and_offset(self, batch_norm):
+        """`[k, C]` gammas and betas, width 1 first (the last row the
+        batch norm's own), or None where the batch norm has none."""
+        gamma = beta = None
+        if batch_norm.scale:
+            gamma = batch_norm.gamma[None]
+            if self.affine_per_width:
+                gamma = tf.concat([self.gamma, gamma], 0)
+        if batch_norm.center:
+            beta = batch_norm.beta[None]
+            if self.affine_per_width:
+                beta = tf.concat([self.beta, beta], 0)
+        return gamma, beta
 
     def statistics(self, batch_norm):
         """`[k, C]` moving means and variances, width 1 first; the last
@@ -84,11 +123,18 @@ class WidthBatchNorm(keras.layers.Layer):
         out = (y - image_mean) * tf.math.rsqrt(
             image_variance + batch_norm.epsilon
         )
-        if batch_norm.scale:
-            out = out * batch_norm.gamma
-        if batch_norm.center:
-            out = out + batch_norm.beta
+        gamma, beta = self.scale_and_offset(batch_norm)
+        if gamma is not None:
+            out = out * self._row(gamma, index, y)
+        if beta is not None:
+            out = out + self._row(beta, index, y)
         return tf.cast(out, dtype)
+
+    def _row(self, rows, index, like):
+        """Each image's row of `[k, C]` (or the one row of `[1, C]`)."""
+        if rows.shape[0] == 1:
+            return rows[0]
+        return _per_image(tf.gather(rows, index), like)
 
     def _batch_statistics(self, y, index, batch_norm):
         """Mean and variance of each width group in the batch, `[k, C]`;
@@ -136,11 +182,13 @@ class WidthBatchNorm(keras.layers.Layer):
         scale = tf.math.rsqrt(
             variance[width - 1, :channels] + batch_norm.epsilon
         )
-        if batch_norm.scale:
-            scale = scale * batch_norm.gamma[:channels]
+        gamma, beta = self.scale_and_offset(batch_norm)
+        row = width - 1 if self.affine_per_width else 0
+        if gamma is not None:
+            scale = scale * gamma[row, :channels]
         offset = -mean * scale
-        if batch_norm.center:
-            offset = offset + batch_norm.beta[:channels]
+        if beta is not None:
+            offset = offset + beta[row, :channels]
         return scale, offset
 
     def get_config(self):
@@ -148,6 +196,7 @@ class WidthBatchNorm(keras.layers.Layer):
             **super().get_config(),
             "groups": self.groups,
             "channels": self.channels,
+            "affine": self.affine_per_width,
         }
 
 
