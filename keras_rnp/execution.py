@@ -3,17 +3,18 @@
 - `MASKED` (training): every gated unit computes all its channels and
   zeroes the skipped groups, so gradients reach every weight.
 - `SLICED` (inference in TensorFlow: Keras, `run()`, the SavedModel): at
-  each gated unit, one convolution on a slice of the unit's one stored
-  kernel, the slice chosen at run time from the actions. A batch whose
-  images all took one action (always so at batch 1) runs as one group; a
-  mixed batch loops over the (previous action, action) groups present,
-  each on exactly its channels, and scatters the results back in order.
-- `SLICED_ONNX` (inference for tf2onnx): the same graph; the mode exists
-  for the exporters, whose checks differ (ONNX cannot raise errors).
+  each gated unit, a batch whose images all took one action (always so at
+  batch 1) runs one convolution on a slice of the unit's kernel chosen at
+  run time; a mixed batch is split by (previous action, action), each
+  group running one smaller convolution on exactly its channels, and the
+  results are merged back in order. Empty groups are skipped with
+  `tf.cond`.
+- `SLICED_ONNX` (inference for tf2onnx): the same grouping without control
+  flow, which tf2onnx converts badly; each group's kernel slice is fixed
+  in the graph (onnxruntime's fast convolutions need constant weights),
+  and outputs are merged with a Gather, faster in onnxruntime than the
+  ScatterElements that DynamicStitch becomes.
 
-The graph holds one convolution per unit in each of the two branches
-(uniform and grouped), whatever the number of groups, so an export stores
-each weight once.
 The work the sliced modes execute is what `Plan.path_flops` counts.
 """
 
@@ -92,18 +93,20 @@ def forward(
 def _run_sliced(unit, x, previous, action, head_plan, mode):
     """Runs a gated unit on its active channels, image group by group.
 
-    Images are grouped by (previous action, action). Each group runs one
-    convolution on a slice of the unit's one stored kernel, the slice
-    chosen at run time from the group's actions, so the graph holds one
-    convolution per unit whatever the number of groups, and an export
-    stores each weight once. A batch whose images all took one action
-    (always so at batch 1) runs as one group without splitting; a mixed
-    batch loops over the groups present, scattering each group's rows
-    into the output. Outputs are padded back to full width with zeros for
-    the next layer, or, for the last unit (`head_plan` given), go through
-    the head's sliced dense layer.
+    Images are grouped by (previous action, action), so each group runs
+    one smaller dense convolution on exactly the channels its images use.
+    Outputs are padded back to full width with zeros for the next layer,
+    or, for the last unit (`head_plan` given), go through the head's
+    sliced dense layer.
+
+    In TensorFlow (`SLICED`) a batch whose images all took one action
+    (always so at batch 1) runs one convolution on a slice of the unit's
+    kernel chosen at run time, without splitting; a mixed batch is split
+    into its groups. For tf2onnx (`SLICED_ONNX`) every group has its own
+    kernel slice, fixed when the graph is built: onnxruntime's fast
+    convolutions need constant weights (a kernel sliced at run time ran
+    7.5x slower at batch 1; see BENCHMARKS.md).
     """
-    del mode  # One implementation for TensorFlow and tf2onnx.
     k = unit.groups
     group_in = unit.in_channels // k
     group_out = unit.out_channels // k
@@ -119,46 +122,66 @@ def _run_sliced(unit, x, previous, action, head_plan, mode):
         key = (previous - 1) * k + (action - 1)
     else:
         key = action - 1
+    pairs = k * k if unit.in_gated else k
 
     def run_group(part, group):
-        # `group` is a scalar int32 tensor: the slice is chosen at run time.
+        # `group` is a Python int (a slice fixed in the graph) or a scalar
+        # int32 tensor (a slice chosen at run time).
         active_in = unit.in_channels
         if unit.in_gated:
             active_in = (group // k + 1) * group_in
         active_out = (group % k + 1) * group_out
         y = unit.call_sliced(part, active_in, active_out)
         if head_plan is not None:
+            # One dtype for every branch, whatever the head's last layer.
             y = tf.cast(head_plan.head.call_sliced(y, active_out), out_dtype)
-        else:
+        elif not isinstance(active_out, int) or active_out < unit.out_channels:
             padding = unit.out_channels - active_out
             y = tf.pad(y, [[0, 0], [0, 0], [0, 0], [0, padding]])
         return tf.ensure_shape(y, (None, *output_shape))
 
-    def uniform():
-        # Every image in one group (always so at batch 1): one convolution
-        # on the whole batch, without splitting and merging.
-        return run_group(x, key[0])
+    def partition_positions():
+        return tf.dynamic_partition(tf.range(tf.shape(x)[0]), key, pairs)
+
+    if mode == SLICED_ONNX:
+        positions = partition_positions()
+        # No control flow, and Gathers rather than the Compress and
+        # ScatterElements that dynamic_partition/stitch become.
+        outputs = [
+            run_group(tf.gather(x, index), group)
+            for group, index in enumerate(positions)
+        ]
+        # Row i of the concatenated outputs belongs to image order[i].
+        order = tf.concat(positions, axis=0)
+        batch = tf.shape(order)[0]
+        inverse = tf.scatter_nd(order[:, None], tf.range(batch), [batch])
+        return tf.gather(tf.concat(outputs, axis=0), inverse)
+
+    empty = tf.zeros([0, *output_shape], out_dtype)
 
     def grouped():
-        groups = tf.unique(key).y
-        batch = tf.shape(x)[0]
-        merged = tf.zeros(tf.concat([[batch], output_shape], 0), out_dtype)
+        positions = partition_positions()
+        parts = tf.dynamic_partition(x, key, pairs)
+        outputs = [
+            # An empty group must not reach the convolution (see
+            # GatedConv2D.call_sliced); skipping it also saves the call.
+            tf.cond(
+                tf.size(part) > 0,
+                lambda part=part, group=group: run_group(part, group),
+                lambda: empty,
+            )
+            for group, part in enumerate(parts)
+        ]
+        return tf.dynamic_stitch(positions, outputs)
 
-        def body(i, merged):
-            group = groups[i]
-            rows = tf.where(tf.equal(key, group))
-            part = run_group(tf.gather_nd(x, rows), group)
-            return i + 1, tf.tensor_scatter_nd_update(merged, rows, part)
+    def uniform():
+        # Every image in one group (always so at batch 1): one convolution
+        # on the whole batch, its kernel slice chosen at run time.
+        return run_group(x, key[0])
 
-        _, merged = tf.while_loop(
-            lambda i, _: i < tf.size(groups),
-            body,
-            (tf.constant(0), merged),
-            parallel_iterations=1,
-        )
-        return merged
-
-    is_uniform = tf.reduce_min(key) == tf.reduce_max(key)
+    is_uniform = tf.logical_and(
+        tf.size(key) > 0, tf.reduce_min(key) == tf.reduce_max(key)
+    )
     return tf.cond(is_uniform, uniform, grouped)
 
 

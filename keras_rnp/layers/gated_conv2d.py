@@ -235,11 +235,14 @@ class GatedConv2D(keras.layers.Layer):
         x = tf.ensure_shape(x, (None, *self.input_spatial_shape, None))
         # Folded in float32 (batch norm's statistics are float32), then
         # cast to the compute dtype (mixed precision). The slice may be
-        # chosen at run time (tensor sizes): the unit keeps one kernel.
-        kernel = tf.cast(conv.kernel[:, :, :in_active, :out_active], tf.float32)
-        bias = None
-        if conv.use_bias:
-            bias = tf.cast(conv.bias[:out_active], tf.float32)
+        # chosen at run time (tensor sizes). Slice only what is cut: a
+        # slice of a variable is a copy.
+        kernel, bias = conv.kernel, conv.bias if conv.use_bias else None
+        if not _is_whole((in_active, out_active), kernel.shape[2:]):
+            kernel = kernel[:, :, :in_active, :out_active]
+            bias = None if bias is None else bias[:out_active]
+        kernel = tf.cast(kernel, tf.float32)
+        bias = None if bias is None else tf.cast(bias, tf.float32)
         width = self.groups
         if self.in_gated:
             width = in_active // (self.in_channels // self.groups)
@@ -292,6 +295,14 @@ class GatedConv2D(keras.layers.Layer):
             "width_aware": self.width_aware,
             "width_affine": self.width_affine,
         }
+
+
+def _is_whole(sizes, shape):
+    """Whether `sizes` (Python ints or tensors) are known to be `shape`."""
+    return all(
+        isinstance(size, int) and size == dim
+        for size, dim in zip(sizes, shape, strict=True)
+    )
 
 
 def batch_norm_affine(layer, channels):

@@ -81,11 +81,14 @@ class GatedHead(keras.layers.Layer):
         if isinstance(reducer, _L.Flatten):
             height, width = y.shape[1:3]
             y = tf.reshape(y, [-1, height * width * active])
-            kernel = tf.reshape(kernel, [height, width, full, -1])
-            kernel = tf.reshape(kernel[:, :, :active], [-1, dense.units])
+            if not isinstance(active, int) or active < full:
+                # A slice of a variable is a copy.
+                kernel = tf.reshape(kernel, [height, width, full, -1])
+                kernel = tf.reshape(kernel[:, :, :active], [-1, dense.units])
         else:
             y = reducer(y)
-            kernel = kernel[:active]
+            if not isinstance(active, int) or active < full:
+                kernel = kernel[:active]
         y = tf.matmul(y, tf.cast(kernel, y.dtype))
         if dense.use_bias:
             y = tf.nn.bias_add(y, tf.cast(dense.bias, y.dtype))
