@@ -9,11 +9,13 @@
   group running one smaller convolution on exactly its channels, and the
   results are merged back in order. Empty groups are skipped with
   `tf.cond`.
-- `SLICED_ONNX` (inference for tf2onnx): the same grouping without control
-  flow, which tf2onnx converts badly; each group's kernel slice is fixed
-  in the graph (onnxruntime's fast convolutions need constant weights),
-  and outputs are merged with a Gather, faster in onnxruntime than the
-  ScatterElements that DynamicStitch becomes.
+- `SLICED_ONNX` (inference for tf2onnx): no control flow, and every
+  weight a constant stored once (onnxruntime's fast convolutions need
+  constant weights: a kernel sliced at run time ran 7.5x slower at batch
+  1, `benchmarks/onnx_weights.py`). Each gated kernel is cut into `k x k`
+  blocks (input group by output group); a block runs on exactly the
+  images whose actions include it, gathered and added back in place
+  (`GatedConv2D.call_blocks`, `GatedHead.call_blocks`).
 
 The work the sliced modes execute is what `Plan.path_flops` counts.
 """
@@ -77,9 +79,15 @@ def forward(
             x = unit.call_masked(
                 x, action, previous_action=previous, training=training
             )
+        elif mode == SLICED_ONNX:
+            groups = unit.call_blocks(x, action, previous_action=previous)
+            if t == last:
+                x = plan.head.call_blocks(groups, action)
+            else:
+                x = tf.concat(groups, axis=-1)
         else:
             head = plan if t == last else None
-            x = _run_sliced(unit, x, previous, action, head, mode)
+            x = _run_sliced(unit, x, previous, action, head)
         previous = action
     if mode == MASKED:
         x = plan.head.call(x, training=training)
@@ -90,7 +98,7 @@ def forward(
     return outputs
 
 
-def _run_sliced(unit, x, previous, action, head_plan, mode):
+def _run_sliced(unit, x, previous, action, head_plan):
     """Runs a gated unit on its active channels, image group by group.
 
     Images are grouped by (previous action, action), so each group runs
@@ -99,13 +107,9 @@ def _run_sliced(unit, x, previous, action, head_plan, mode):
     or, for the last unit (`head_plan` given), go through the head's
     sliced dense layer.
 
-    In TensorFlow (`SLICED`) a batch whose images all took one action
-    (always so at batch 1) runs one convolution on a slice of the unit's
-    kernel chosen at run time, without splitting; a mixed batch is split
-    into its groups. For tf2onnx (`SLICED_ONNX`) every group has its own
-    kernel slice, fixed when the graph is built: onnxruntime's fast
-    convolutions need constant weights (a kernel sliced at run time ran
-    7.5x slower at batch 1; see BENCHMARKS.md).
+    A batch whose images all took one action (always so at batch 1) runs
+    one convolution on a slice of the unit's kernel chosen at run time,
+    without splitting; a mixed batch is split into its groups.
     """
     k = unit.groups
     group_in = unit.in_channels // k
@@ -142,20 +146,6 @@ def _run_sliced(unit, x, previous, action, head_plan, mode):
 
     def partition_positions():
         return tf.dynamic_partition(tf.range(tf.shape(x)[0]), key, pairs)
-
-    if mode == SLICED_ONNX:
-        positions = partition_positions()
-        # No control flow, and Gathers rather than the Compress and
-        # ScatterElements that dynamic_partition/stitch become.
-        outputs = [
-            run_group(tf.gather(x, index), group)
-            for group, index in enumerate(positions)
-        ]
-        # Row i of the concatenated outputs belongs to image order[i].
-        order = tf.concat(positions, axis=0)
-        batch = tf.shape(order)[0]
-        inverse = tf.scatter_nd(order[:, None], tf.range(batch), [batch])
-        return tf.gather(tf.concat(outputs, axis=0), inverse)
 
     empty = tf.zeros([0, *output_shape], out_dtype)
 

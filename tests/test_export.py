@@ -179,6 +179,48 @@ def test_onnx_budget_is_a_listed_documented_input_and_empty_batch(
     assert out["logits"].shape == (0, 5) and out["actions"].shape == (0, 2)
 
 
+def _onnx_graph_facts(path):
+    """Weights stored (elements of all initializers and constants) and
+    the Conv nodes, in the graph and every subgraph."""
+    import onnx
+
+    model = onnx.load(str(path))
+    stored, convs = 0, 0
+
+    def visit(graph):
+        nonlocal stored, convs
+        for tensor in graph.initializer:
+            stored += int(np.prod(tensor.dims))
+        for node in graph.node:
+            convs += node.op_type == "Conv"
+            for attribute in node.attribute:
+                if attribute.t.dims:
+                    stored += int(np.prod(attribute.t.dims))
+                if attribute.g.node:
+                    visit(attribute.g)
+                for graph in attribute.graphs:
+                    visit(graph)
+
+    visit(model.graph)
+    return stored, convs
+
+
+def test_onnx_stores_each_weight_once(rnp, tmp_path):
+    path = keras_rnp.export_onnx(rnp, tmp_path / "m.onnx")
+    stored, convs = _onnx_graph_facts(path)
+    # small_cnn: 3x3 convs 3->8 and 8->16 with biases, 16->12 without,
+    # each followed by a batch norm (4 vectors), a 12->5 dense head.
+    backbone = (27 * 8 + 8) + (72 * 16 + 16) + 144 * 12 + 4 * (8 + 16 + 12)
+    backbone += 12 * 5 + 5
+    weights = backbone + sum(np.prod(w.shape) for w in rnp.decision.weights)
+    # With a constant slice per (previous action, action) pair, as before
+    # the kernel blocks, each gated kernel was stored about 6 times.
+    assert 0.9 * weights <= stored <= 1.1 * weights + 200
+    # The first convolution (not gated); the second (gated, its input
+    # not) in 4 output groups; the third in 4 x 4 blocks.
+    assert convs == 1 + 4 + 16
+
+
 def test_flatten_head_and_softmax_output_export(tmp_path):
     model = keras.Sequential(
         [

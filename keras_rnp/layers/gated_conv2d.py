@@ -282,6 +282,107 @@ class GatedConv2D(keras.layers.Layer):
                 y = layer(y, training=False)
         return y
 
+    def call_blocks(self, x, action, previous_action=None):
+        """Inference on the active channels as `k x k` kernel blocks, for
+        graphs without control flow whose weights must be constants
+        (ONNX: onnxruntime's fast convolutions need constant weights).
+
+        The kernel is cut into blocks of one input group by one output
+        group; block `(i, o)` runs on exactly the images whose previous
+        action exceeds `i` and whose action exceeds `o` (gathered, then
+        added back in place), so each image costs what `call_sliced`
+        costs, and the graph holds every weight once, whatever the
+        actions. Batch norm is folded into the blocks where it directly
+        follows a linear convolution and keeps one set of statistics;
+        with per-width statistics it is applied per image after them.
+
+        Args:
+            x: `[B, H, W, C_in]` input; its skipped channels are 0.
+            action: `[B]` int tensor, the groups to compute per image.
+            previous_action: `[B]` int tensor, each image's input width
+                (for a unit whose input is gated).
+
+        Returns:
+            A list of `k` tensors `[B, H', W', C_out / k]`, output group by
+            group, each exactly 0 for the images that skipped it.
+        """
+        k, conv = self.groups, self.conv
+        batch = tf.shape(x)[0]
+        action = tf.cast(action, tf.int32)
+        inputs = k if self.in_gated else 1
+        group_in = self.in_channels // inputs
+        group_out = self.out_channels // k
+        if self.in_gated:
+            width = tf.cast(previous_action, tf.int32)
+        else:
+            width = tf.fill([batch], k)
+        kernel = tf.cast(conv.kernel, tf.float32)
+        bias = tf.cast(conv.bias, tf.float32) if conv.use_bias else None
+        tail = list(enumerate(self.tail))
+        affines = {}
+        for i, layer in tail:
+            if isinstance(layer, _L.BatchNormalization):
+                norm = self.width_norms.get(str(i))
+                if norm is None:
+                    affines[i] = batch_norm_affine(layer, self.out_channels)
+                else:
+                    affines[i] = norm.image_affine(layer, width)
+        first = tail[0][0] if tail else None
+        if (
+            activation_name(conv) == "linear"
+            and first in affines
+            and str(first) not in self.width_norms
+        ):
+            scale, offset = affines.pop(first)
+            tail = tail[1:]
+            kernel = kernel * scale
+            bias = offset if bias is None else bias * scale + offset
+        kernel = tf.cast(kernel, x.dtype)
+        shape = conv.compute_output_shape(
+            (None, *self.input_spatial_shape, self.in_channels)
+        )
+        outputs = []
+        for o in range(k):
+            columns = slice(o * group_out, (o + 1) * group_out)
+            needed = action > o
+            # Summed in float32: onnxruntime's CPU ScatterND cannot add
+            # float16 (mixed precision).
+            total = tf.zeros(
+                tf.stack([batch, shape[1], shape[2], group_out]), tf.float32
+            )
+            for i in range(inputs):
+                chosen = needed & (width > i) if self.in_gated else needed
+                rows = tf.where(chosen)
+                part = tf.gather_nd(
+                    x[:, :, :, i * group_in : (i + 1) * group_in], rows
+                )
+                block = kernel[:, :, i * group_in : (i + 1) * group_in, columns]
+                y = tf.nn.conv2d(
+                    part,
+                    block,
+                    strides=conv.strides,
+                    padding=conv.padding.upper(),
+                    dilations=conv.dilation_rate,
+                )
+                y = tf.cast(y, tf.float32)
+                total = tf.tensor_scatter_nd_add(total, rows, y)
+            y = tf.cast(total, x.dtype)
+            if bias is not None:
+                y = y + tf.cast(bias[columns], y.dtype)
+            y = conv.activation(y)
+            for i, layer in tail:
+                if i in affines:
+                    scale, offset = (v[..., columns] for v in affines[i])
+                    if scale.shape.rank == 2:  # Per image.
+                        scale = scale[:, None, None, :]
+                        offset = offset[:, None, None, :]
+                    y = y * tf.cast(scale, y.dtype) + tf.cast(offset, y.dtype)
+                elif not isinstance(layer, _L.Dropout):
+                    y = layer(y, training=False)
+            keep = tf.cast(needed, y.dtype)[:, None, None, None]
+            outputs.append(y * keep)
+        return outputs
+
     def get_config(self):
         return {
             **super().get_config(),

@@ -97,6 +97,52 @@ class GatedHead(keras.layers.Layer):
             y = layer(y, training=False)
         return y
 
+    def call_blocks(self, groups, action):
+        """The head on the last unit's output groups (`GatedConv2D.
+        call_blocks`), for graphs whose weights must be constants.
+
+        The first dense layer's rows are cut by channel group (each row
+        once); group `o`'s rows multiply only the images whose action
+        exceeds `o`. Where no dense layer reads the gated channels
+        directly, the groups are joined and the head runs whole.
+        """
+        index = self.gated_dense_index
+        if index is None:
+            return self.call(tf.concat(groups, axis=-1))
+        reducer = self.head_layers[0]
+        dense = self.head_layers[index]
+        k = len(groups)
+        size = self.in_channels // k
+        action = tf.cast(action, tf.int32)
+        batch = tf.shape(groups[0])[0]
+        dtype = groups[0].dtype
+        kernel = dense.kernel
+        if isinstance(reducer, _L.Flatten):
+            height, width = groups[0].shape[1:3]
+            kernel = tf.reshape(kernel, [height, width, self.in_channels, -1])
+        # Summed in float32 (onnxruntime's CPU ScatterND cannot add
+        # float16).
+        y = tf.zeros(tf.stack([batch, dense.units]), tf.float32)
+        for o, part in enumerate(groups):
+            rows = tf.where(action > o)
+            part = tf.gather_nd(part, rows)
+            if isinstance(reducer, _L.Flatten):
+                block = kernel[:, :, o * size : (o + 1) * size]
+                block = tf.reshape(block, [-1, dense.units])
+                part = tf.reshape(part, [-1, height * width * size])
+            else:
+                block = kernel[o * size : (o + 1) * size]
+                part = reducer(part)
+            product = tf.matmul(part, tf.cast(block, dtype))
+            y = tf.tensor_scatter_nd_add(y, rows, tf.cast(product, tf.float32))
+        y = tf.cast(y, dtype)
+        if dense.use_bias:
+            y = tf.nn.bias_add(y, tf.cast(dense.bias, dtype))
+        y = dense.activation(y)
+        for layer in self.head_layers[index + 1 :]:
+            y = layer(y, training=False)
+        return y
+
     @property
     def ends_in_softmax(self):
         """Whether the head outputs probabilities rather than logits."""

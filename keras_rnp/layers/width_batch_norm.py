@@ -191,6 +191,29 @@ class WidthBatchNorm(keras.layers.Layer):
             offset = offset + beta[row, :channels]
         return scale, offset
 
+    def image_affine(self, batch_norm, width):
+        """Inference batch norm per image as `y * scale + offset`, each
+        image with its input width's statistics (and gamma and beta).
+
+        Args:
+            batch_norm: the `keras.layers.BatchNormalization`.
+            width: `[B]` int, each image's previous action in `1..k`.
+
+        Returns:
+            `(scale, offset)`, each `[B, C]` float32.
+        """
+        index = tf.cast(width, tf.int32) - 1
+        mean, variance = self.statistics(batch_norm)
+        scale = tf.math.rsqrt(tf.gather(variance, index) + batch_norm.epsilon)
+        gamma, beta = self.scale_and_offset(batch_norm)
+        rows = index if self.affine_per_width else tf.zeros_like(index)
+        if gamma is not None:
+            scale = scale * tf.gather(gamma, rows)
+        offset = -tf.gather(mean, index) * scale
+        if beta is not None:
+            offset = offset + tf.gather(beta, rows)
+        return scale, offset
+
     def get_config(self):
         return {
             **super().get_config(),
