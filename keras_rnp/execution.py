@@ -5,10 +5,10 @@
 - `SLICED` (inference in TensorFlow: Keras, `run()`, the SavedModel): at
   each gated unit, a batch whose images all took one action (always so at
   batch 1) runs one convolution on a slice of the unit's kernel chosen at
-  run time; a mixed batch is split by (previous action, action), each
-  group running one smaller convolution on exactly its channels, and the
-  results are merged back in order. Empty groups are skipped with
-  `tf.cond`.
+  run time; a mixed batch loops over the (previous action, action) groups
+  present, each running one smaller convolution on exactly its channels
+  (its slice also chosen at run time), and the results are merged back in
+  order. The graph holds one convolution per unit and branch.
 - `SLICED_ONNX` (inference for tf2onnx): no control flow, and every
   weight a constant stored once (onnxruntime's fast convolutions need
   constant weights: a kernel sliced at run time ran 7.5x slower at batch
@@ -109,7 +109,8 @@ def _run_sliced(unit, x, previous, action, head_plan):
 
     A batch whose images all took one action (always so at batch 1) runs
     one convolution on a slice of the unit's kernel chosen at run time,
-    without splitting; a mixed batch is split into its groups.
+    without splitting; a mixed batch loops over the groups present, each
+    running on a run-time slice too.
     """
     k = unit.groups
     group_in = unit.in_channels // k
@@ -126,7 +127,6 @@ def _run_sliced(unit, x, previous, action, head_plan):
         key = (previous - 1) * k + (action - 1)
     else:
         key = action - 1
-    pairs = k * k if unit.in_gated else k
 
     def run_group(part, group):
         # `group` is a Python int (a slice fixed in the graph) or a scalar
@@ -144,25 +144,41 @@ def _run_sliced(unit, x, previous, action, head_plan):
             y = tf.pad(y, [[0, 0], [0, 0], [0, 0], [0, padding]])
         return tf.ensure_shape(y, (None, *output_shape))
 
-    def partition_positions():
-        return tf.dynamic_partition(tf.range(tf.shape(x)[0]), key, pairs)
-
-    empty = tf.zeros([0, *output_shape], out_dtype)
-
     def grouped():
-        positions = partition_positions()
-        parts = tf.dynamic_partition(x, key, pairs)
-        outputs = [
-            # An empty group must not reach the convolution (see
-            # GatedConv2D.call_sliced); skipping it also saves the call.
-            tf.cond(
-                tf.size(part) > 0,
-                lambda part=part, group=group: run_group(part, group),
-                lambda: empty,
-            )
-            for group, part in enumerate(parts)
-        ]
-        return tf.dynamic_stitch(positions, outputs)
+        # One loop over the groups present, each group's kernel slice
+        # chosen at run time: the graph holds one convolution per unit
+        # whatever the number of groups (a branch per group made the first
+        # call's tracing grow as L x k^2).
+        present = tf.unique(key).y
+        outputs = tf.TensorArray(
+            out_dtype,
+            size=tf.size(present),
+            infer_shape=False,
+            element_shape=tf.TensorShape([None, *output_shape]),
+        )
+        rows = tf.TensorArray(
+            tf.int32,
+            size=tf.size(present),
+            infer_shape=False,
+            element_shape=tf.TensorShape([None]),
+        )
+
+        def body(i, outputs, rows):
+            group = present[i]
+            index = tf.cast(tf.where(tf.equal(key, group))[:, 0], tf.int32)
+            part = run_group(tf.gather(x, index), group)
+            return i + 1, outputs.write(i, part), rows.write(i, index)
+
+        _, outputs, rows = tf.while_loop(
+            lambda i, *_: i < tf.size(present),
+            body,
+            (tf.constant(0), outputs, rows),
+        )
+        # Row j of the concatenated outputs belongs to image order[j].
+        order = rows.concat()
+        batch = tf.shape(order)[0]
+        inverse = tf.scatter_nd(order[:, None], tf.range(batch), [batch])
+        return tf.gather(outputs.concat(), inverse)
 
     def uniform():
         # Every image in one group (always so at batch 1): one convolution

@@ -5,6 +5,7 @@ convolution computes only its active channel groups, images grouped by their
 actions, so the exported graphs save real time, not only counted FLOPs.
 """
 
+import contextlib
 import os
 
 import keras
@@ -212,7 +213,12 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
     and `flops` (float32 `[N]`), as in `export_saved_model`.
 
     The graph computes only the active channel groups of each gated
-    convolution (Gathers group the images by action). The write is atomic.
+    convolution, and stores every weight once: each gated kernel is cut
+    into `k x k` constant blocks (input group by output group), and a
+    block runs on exactly the images whose actions include it (gathered,
+    then added back in place). There is no control flow; onnxruntime gets
+    constant weights, which its fast convolutions need. The write is
+    atomic.
 
     ONNX graphs cannot raise errors: where the SavedModel refuses a
     negative or non-finite budget and forced actions outside `1..groups`,
@@ -224,14 +230,6 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
     A model under the `mixed_float16` policy computes in float16 in ONNX
     too; one under `mixed_bfloat16` is refused (onnxruntime has no
     bfloat16 convolution).
-
-    Limits: each (previous action, action) slice of each gated kernel is
-    a constant of its own (onnxruntime's fast convolutions need constant
-    weights: a kernel sliced at run time ran 7.5x slower at batch 1), so
-    the file and the converter's memory grow with the weights times about
-    `(k + 1)^2 / 4`. CIFAR-size networks convert in seconds; VGG-16 (138M
-    parameters) at `groups=4` ran out of 24 GB of memory in tf2onnx's
-    optimizer.
 
     Args:
         rnp: the `keras_rnp.RNPModel`.
@@ -266,11 +264,12 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
         )
     name = "serving_actions" if forced_actions else "serving_budget"
     function, signature = _signatures(rnp, execution.SLICED_ONNX)[name]
-    model_proto, _ = tf2onnx.convert.from_function(
-        tf.function(function, input_signature=signature),
-        input_signature=signature,
-        opset=opset,
-    )
+    with _tf2onnx_optimizer_without_copies():
+        model_proto, _ = tf2onnx.convert.from_function(
+            tf.function(function, input_signature=signature),
+            input_signature=signature,
+            opset=opset,
+        )
     _name_inputs(model_proto, [spec.name for spec in signature])
     second = FORCED_ACTIONS_DOC if forced_actions else BUDGET_DOC
     model_proto.doc_string = (
@@ -296,6 +295,26 @@ FORCED_ACTIONS_DOC = (
     "forced_actions int32 [N, L]: the channel groups to compute at each "
     "gated layer, 1..groups (clipped)."
 )
+
+
+@contextlib.contextmanager
+def _tf2onnx_optimizer_without_copies():
+    """tf2onnx (1.17) deep-copies the whole graph, constants included,
+    before each optimizer pass so that a failing pass can be undone; on
+    VGG-16 (138M weights) that took more than 24 GB, for the plain model
+    too. Its TF2ONNX_CATCH_ERRORS variable turns the copies off (a failing
+    pass then raises); it is set for the conversion only. (tf2onnx 1.17
+    reads any value as off.)"""
+    name = "TF2ONNX_CATCH_ERRORS"
+    before = os.environ.get(name)
+    os.environ[name] = "FALSE"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 def check_opset(opset):
