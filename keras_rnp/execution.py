@@ -11,7 +11,7 @@
   order. The graph holds one convolution per unit and branch.
 - `SLICED_ONNX` (inference for tf2onnx): no control flow, and every
   weight a constant stored once (onnxruntime's fast convolutions need
-  constant weights: a kernel sliced at run time ran 7.5x slower at batch
+  constant weights: a kernel sliced at run time ran 8.3x slower at batch
   1, `benchmarks/onnx_weights.py`). Each gated kernel is cut into `k x k`
   blocks (input group by output group); a block runs on exactly the
   images whose actions include it, gathered and added back in place
@@ -129,8 +129,8 @@ def _run_sliced(unit, x, previous, action, head_plan):
         key = action - 1
 
     def run_group(part, group):
-        # `group` is a Python int (a slice fixed in the graph) or a scalar
-        # int32 tensor (a slice chosen at run time).
+        # `group` is a scalar int32 tensor: the slice is chosen at run
+        # time (a Python int would fix it in the graph).
         active_in = unit.in_channels
         if unit.in_gated:
             active_in = (group // k + 1) * group_in
