@@ -230,8 +230,9 @@ class GatedConv2D(keras.layers.Layer):
         conv = self.conv
         if not isinstance(in_active, int) or in_active != x.shape[-1]:
             x = x[:, :, :, :in_active]
-        # Known spatial sizes for tf2onnx, which converts the branches of
-        # `execution`'s control flow without TensorFlow's shape inference.
+        # Known spatial sizes: with run-time slice sizes (tensors) the
+        # channels are unknown when the graph is built, and the loop over
+        # action groups (`execution`) needs the rest of the shape.
         x = tf.ensure_shape(x, (None, *self.input_spatial_shape, None))
         # Folded in float32 (batch norm's statistics are float32), then
         # cast to the compute dtype (mixed precision). The slice may be
@@ -259,8 +260,7 @@ class GatedConv2D(keras.layers.Layer):
             scale, offset = affine(*tail.pop(0))
             kernel = kernel * scale
             bias = offset if bias is None else bias * scale + offset
-        # A known rank for tf2onnx, which converts the convolution inside
-        # a loop without TensorFlow's shape inference.
+        # A known kernel rank and spatial size, whatever the slice sizes.
         size = list(conv.kernel_size) + [in_active, out_active]
         kernel = tf.reshape(tf.cast(kernel, x.dtype), size)
         bias = None if bias is None else tf.cast(bias, x.dtype)
