@@ -271,8 +271,6 @@ def run_script(*flags):
     )
 
 
-# Slow: about 50 s of subprocesses (make test-slow runs it).
-@pytest.mark.slow
 def test_bad_flags_and_missing_inputs_give_one_line_errors(tmp_path):
     result = run_script("--penalties=high")
     assert result.returncode != 0
