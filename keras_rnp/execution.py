@@ -139,7 +139,7 @@ def _run_sliced(unit, x, previous, action, head_plan):
         if head_plan is not None:
             # One dtype for every branch, whatever the head's last layer.
             y = tf.cast(head_plan.head.call_sliced(y, active_out), out_dtype)
-        elif not isinstance(active_out, int) or active_out < unit.out_channels:
+        else:
             padding = unit.out_channels - active_out
             y = tf.pad(y, [[0, 0], [0, 0], [0, 0], [0, padding]])
         return tf.ensure_shape(y, (None, *output_shape))

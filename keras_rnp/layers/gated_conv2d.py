@@ -255,8 +255,7 @@ class GatedConv2D(keras.layers.Layer):
             return norm.affine(layer, width, out_active)
 
         tail = list(enumerate(self.tail))
-        linear = activation_name(conv) == "linear"
-        if linear and tail and isinstance(tail[0][1], _L.BatchNormalization):
+        if _folds_first_norm(conv, tail):
             scale, offset = affine(*tail.pop(0))
             kernel = kernel * scale
             bias = offset if bias is None else bias * scale + offset
@@ -273,14 +272,7 @@ class GatedConv2D(keras.layers.Layer):
         )
         if bias is not None:
             y = tf.nn.bias_add(y, bias)
-        y = conv.activation(y)
-        for i, layer in tail:
-            if isinstance(layer, _L.BatchNormalization):
-                scale, offset = affine(i, layer)
-                y = y * tf.cast(scale, y.dtype) + tf.cast(offset, y.dtype)
-            elif not isinstance(layer, _L.Dropout):
-                y = layer(y, training=False)
-        return y
+        return _run_tail(conv.activation(y), tail, affine)
 
     def call_blocks(self, x, action, previous_action=None):
         """Inference on the active channels as `k x k` kernel blocks, for
@@ -327,14 +319,10 @@ class GatedConv2D(keras.layers.Layer):
                     affines[i] = batch_norm_affine(layer, self.out_channels)
                 else:
                     affines[i] = norm.image_affine(layer, width)
-        first = tail[0][0] if tail else None
-        if (
-            activation_name(conv) == "linear"
-            and first in affines
-            and str(first) not in self.width_norms
-        ):
-            scale, offset = affines.pop(first)
-            tail = tail[1:]
+        # Folded only with one set of statistics: per-width ones differ
+        # per image.
+        if _folds_first_norm(conv, tail) and "0" not in self.width_norms:
+            scale, offset = affines.pop(tail.pop(0)[0])
             kernel = kernel * scale
             bias = offset if bias is None else bias * scale + offset
         kernel = tf.cast(kernel, x.dtype)
@@ -369,16 +357,14 @@ class GatedConv2D(keras.layers.Layer):
             y = tf.cast(total, x.dtype)
             if bias is not None:
                 y = y + tf.cast(bias[columns], y.dtype)
-            y = conv.activation(y)
-            for i, layer in tail:
-                if i in affines:
-                    scale, offset = (v[..., columns] for v in affines[i])
-                    if scale.shape.rank == 2:  # Per image.
-                        scale = scale[:, None, None, :]
-                        offset = offset[:, None, None, :]
-                    y = y * tf.cast(scale, y.dtype) + tf.cast(offset, y.dtype)
-                elif not isinstance(layer, _L.Dropout):
-                    y = layer(y, training=False)
+
+            def affine(i, layer, columns=columns):
+                scale, offset = (v[..., columns] for v in affines[i])
+                if scale.shape.rank == 2:  # Per image.
+                    return scale[:, None, None, :], offset[:, None, None, :]
+                return scale, offset
+
+            y = _run_tail(conv.activation(y), tail, affine)
             keep = tf.cast(needed, y.dtype)[:, None, None, None]
             outputs.append(y * keep)
         return outputs
@@ -396,6 +382,30 @@ class GatedConv2D(keras.layers.Layer):
             "width_aware": self.width_aware,
             "width_affine": self.width_affine,
         }
+
+
+def _folds_first_norm(conv, tail):
+    """Whether the tail's first layer is a batch norm that can be folded
+    into the convolution (which must then be linear). `tail` is a list of
+    `(index, layer)`."""
+    return (
+        activation_name(conv) == "linear"
+        and bool(tail)
+        and isinstance(tail[0][1], _L.BatchNormalization)
+    )
+
+
+def _run_tail(y, tail, affine):
+    """The tail's layers in inference on `y`: each batch norm as `y * scale
+    + offset` from `affine(index, layer)`, dropout skipped, the rest as
+    they are. `tail` is a list of `(index, layer)`."""
+    for i, layer in tail:
+        if isinstance(layer, _L.BatchNormalization):
+            scale, offset = affine(i, layer)
+            y = y * tf.cast(scale, y.dtype) + tf.cast(offset, y.dtype)
+        elif not isinstance(layer, _L.Dropout):
+            y = layer(y, training=False)
+    return y
 
 
 def _is_whole(sizes, shape):

@@ -175,21 +175,10 @@ class WidthBatchNorm(keras.layers.Layer):
         return mean, variance
 
     def affine(self, batch_norm, width, channels):
-        """Inference batch norm at input width `width` (a Python int) on
-        the first `channels`, as `y * scale + offset`."""
-        mean, variance = self.statistics(batch_norm)
-        mean = mean[width - 1, :channels]
-        scale = tf.math.rsqrt(
-            variance[width - 1, :channels] + batch_norm.epsilon
-        )
-        gamma, beta = self.scale_and_offset(batch_norm)
-        row = width - 1 if self.affine_per_width else 0
-        if gamma is not None:
-            scale = scale * gamma[row, :channels]
-        offset = -mean * scale
-        if beta is not None:
-            offset = offset + beta[row, :channels]
-        return scale, offset
+        """Inference batch norm at input width `width` (a Python int or a
+        scalar tensor) on the first `channels`, as `y * scale + offset`."""
+        scale, offset = self._affine_table(batch_norm)
+        return scale[width - 1, :channels], offset[width - 1, :channels]
 
     def image_affine(self, batch_norm, width):
         """Inference batch norm per image as `y * scale + offset`, each
@@ -203,15 +192,19 @@ class WidthBatchNorm(keras.layers.Layer):
             `(scale, offset)`, each `[B, C]` float32.
         """
         index = tf.cast(width, tf.int32) - 1
+        scale, offset = self._affine_table(batch_norm)
+        return tf.gather(scale, index), tf.gather(offset, index)
+
+    def _affine_table(self, batch_norm):
+        """`[k, C]` inference scales and offsets, width 1 first."""
         mean, variance = self.statistics(batch_norm)
-        scale = tf.math.rsqrt(tf.gather(variance, index) + batch_norm.epsilon)
+        scale = tf.math.rsqrt(variance + batch_norm.epsilon)
         gamma, beta = self.scale_and_offset(batch_norm)
-        rows = index if self.affine_per_width else tf.zeros_like(index)
         if gamma is not None:
-            scale = scale * tf.gather(gamma, rows)
-        offset = -tf.gather(mean, index) * scale
+            scale = scale * gamma  # [1, C] (shared) broadcasts.
+        offset = -mean * scale
         if beta is not None:
-            offset = offset + tf.gather(beta, rows)
+            offset = offset + beta
         return scale, offset
 
     def get_config(self):
