@@ -163,6 +163,12 @@ class Config:
     )
     double_dqn: bool = setting(False, "Double DQN targets.")
     finetune_lr: float = setting(0.01, "SGD learning rate of fine-tuning.")
+    warmup_lr: float = setting(
+        0.0,
+        "Peak SGD learning rate of the warm-up (cosine decay); 0 uses "
+        "--finetune_lr.",
+        lower_bound=0.0,
+    )
     static_speedups: tuple = setting(
         (2.0, 3.0, 4.0, 6.0, 8.0), "Static pruning.", item=float, minimum=1.0
     )
@@ -247,7 +253,9 @@ def define_flags():
                 name, default, meta["help"], lower_bound=meta.get("lower_bound")
             )
         elif isinstance(default, float):
-            flags.DEFINE_float(name, default, meta["help"])
+            flags.DEFINE_float(
+                name, default, meta["help"], lower_bound=meta.get("lower_bound")
+            )
         else:
             flags.DEFINE_string(name, default, meta["help"])
     flags.DEFINE_bool("traceback", False, "Show the full trace of an error.")
@@ -400,9 +408,11 @@ def image_passes(config):
     }
 
 
-def _finetune_optimizer(config, steps):
+def _finetune_optimizer(config, steps, learning_rate=None):
     return keras.optimizers.SGD(
-        keras.optimizers.schedules.CosineDecay(config.finetune_lr, steps),
+        keras.optimizers.schedules.CosineDecay(
+            learning_rate or config.finetune_lr, steps
+        ),
         momentum=0.9,
         nesterov=True,
         weight_decay=config.weight_decay,
@@ -453,7 +463,9 @@ def _rnp_start(config, train):
         )
         rnp.compile(
             optimizer=_finetune_optimizer(
-                config, config.warmup_epochs * _steps_per_epoch(config)
+                config,
+                config.warmup_epochs * _steps_per_epoch(config),
+                config.warmup_lr,
             ),
             metrics=["accuracy"],
         )
