@@ -10,6 +10,7 @@ each time. Random weights: speed does not depend on them.
 
     python benchmarks/speed.py --models=cifar4 --repeats=7
     python benchmarks/speed.py --models=vgg16 --batches=1
+    python benchmarks/speed.py --models=resnet20,mobilenetv2 --batches=1
 
 Prints a table and writes JSON (`--output`): per setting, the FLOPs
 speed-up (full FLOPs over the FLOPs the RNP model executes, decision
@@ -49,12 +50,16 @@ flags.DEFINE_string(
 flags.DEFINE_integer("seed", 0, "Seed of the weights, images and actions.")
 
 # The CIFAR network without input normalization nor pooling after the
-# first block, and VGG-16.
+# first block, VGG-16, and residual networks: ResNet-20 (CIFAR), ResNet-50
+# and MobileNetV2 (224x224, keras.applications).
 MODELS = {
     "cifar4": lambda: backbones.cifar_cnn(
         pool_first=False, normalize=False, name="cifar4"
     ),
     "vgg16": backbones.vgg16,
+    "resnet20": lambda: backbones.resnet20(normalize=False),
+    "resnet50": lambda: keras.applications.ResNet50(weights=None),
+    "mobilenetv2": lambda: keras.applications.MobileNetV2(weights=None),
 }
 
 

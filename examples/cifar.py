@@ -8,6 +8,11 @@ some of them (each reads what the earlier steps saved in `--work_dir`):
     python examples/cifar.py --data_dir=../shared/data/cifar10
     python examples/cifar.py --data_dir=... --steps=rnp --penalties=0.1
     python examples/cifar.py --dataset=cifar100       # tfds.load, online
+    python examples/cifar.py --data_dir=... --arch=resnet20 \
+        --work_dir=runs/resnet20                      # a residual network
+
+With `--arch=resnet20` RNP gates the inner width of each basic block (one
+decision per block) and static pruning prunes the same inner widths.
 
 Steps:
     backbone  train the full network (SGD, Nesterov, cosine schedule)
@@ -56,6 +61,8 @@ from keras_rnp.static_pruning import l1_prune_to_flops  # noqa: E402
 from keras_rnp.static_pruning import sort_filters  # noqa: E402
 
 STEPS = ("backbone", "rnp", "static", "evaluate", "plots")
+# ResNet-20's stage widths, the default of --widths with --arch=resnet20.
+RESNET20_WIDTHS = (16, 32, 64)
 
 FLAGS = flags.FLAGS
 
@@ -90,8 +97,19 @@ class Config:
         "tfds' data directory. Default: tfds' default directory.",
     )
     work_dir: str = setting("runs/cifar10", "Models, logs, results.")
+    arch: str = setting(
+        "cnn4",
+        "The backbone: cnn4, the 4-convolution network (keras_rnp.backbones."
+        "cifar_cnn), or resnet20, the CIFAR ResNet-20 (backbones.resnet20; "
+        "RNP gates each block's inner width).",
+        enum_values=["cnn4", "resnet20"],
+    )
     widths: tuple = setting(
-        (64, 128, 256, 512), "Conv widths.", item=int, minimum=1
+        (64, 128, 256, 512),
+        "Conv widths: cnn4's four convolutions, or resnet20's three stages "
+        "(16,32,64 unless given).",
+        item=int,
+        minimum=1,
     )
     backbone_epochs: int = setting(30, "Epochs of backbone training.")
     backbone_lr: float = setting(0.1, "Peak SGD learning rate.")
@@ -297,6 +315,8 @@ def config_from_flags():
                 name, value, meta["item"], meta["minimum"], meta.get("choices")
             )
         values[field.name] = value
+    if values["arch"] == "resnet20" and not FLAGS["widths"].present:
+        values["widths"] = RESNET20_WIDTHS
     return Config(**values)
 
 
@@ -334,7 +354,10 @@ def train_backbone(config):
     val, _ = data(config, "validation")
     steps = config.backbone_epochs * int(train.cardinality())
     with config.strategy().scope():
-        model = backbones.cifar_cnn(classes, config.widths)
+        if config.arch == "resnet20":
+            model = backbones.resnet20(classes, config.widths)
+        else:
+            model = backbones.cifar_cnn(classes, config.widths)
         model.compile(
             optimizer=keras.optimizers.SGD(
                 keras.optimizers.schedules.CosineDecay(

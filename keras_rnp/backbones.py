@@ -1,9 +1,10 @@
 """Backbone networks of the examples and benchmarks, ready to wrap.
 
-`cifar_cnn`: the 4-convolution CIFAR network (32x32x3 images); `digits_cnn`:
-the quickstart's small network for the 8x8 scikit-learn digits; `vgg16`:
-the VGG-16 layout at 224x224, for timing. All are `keras.Sequential`
-models ending in logits (no softmax), built afresh on each call: under
+`cifar_cnn`: the 4-convolution CIFAR network (32x32x3 images);
+`resnet20`: the CIFAR ResNet-20 (a functional residual network);
+`digits_cnn`: the quickstart's small network for the 8x8 scikit-learn
+digits; `vgg16`: the VGG-16 layout at 224x224, for timing. All end in
+logits (no softmax) and are built afresh on each call: under
 `keras.utils.set_random_seed`, the same call gives the same weights.
 """
 
@@ -94,6 +95,64 @@ def cifar_cnn(
     return _conv_blocks(
         model, widths, lambda index: pool_first or index > 0, classes
     )
+
+
+def resnet20(classes=10, widths=(16, 32, 64), blocks=3, normalize=True):
+    """The CIFAR ResNet of He et al. (2016), 6n + 2 layers (n = `blocks`;
+    3 gives ResNet-20), as a functional model.
+
+    A 3x3 stem convolution, then three stages of `blocks` basic blocks
+    (3x3 conv-bn-relu, 3x3 conv-bn, added to the shortcut, then ReLU). The
+    first block of the second and third stages halves the map with stride
+    2 and widens the stream; its shortcut is a 1x1 strided convolution with
+    batch norm (the others are identities). Convolutions have no bias.
+    Global average pooling and a linear classifier end it.
+
+    Args:
+        classes: number of classes (logits).
+        widths: the three stages' widths.
+        blocks: basic blocks per stage.
+        normalize: begin with a `keras.layers.Normalization` by
+            `CIFAR_MEAN` and `CIFAR_STD`, for images in [0, 255].
+
+    Returns:
+        A functional `keras.Model` taking 32x32x3 images, named
+        `"resnet{6 * blocks + 2}"`.
+    """
+    _check_classes(classes)
+    _check_widths(widths)
+    if len(widths) != 3 or not _is_count(blocks) or blocks < 1:
+        raise ValueError(
+            "Expected three stage widths and blocks >= 1. Received: "
+            f"widths={widths!r}, blocks={blocks!r}"
+        )
+    layers = keras.layers
+
+    def conv_bn(x, width, strides=1, size=3):
+        x = layers.Conv2D(
+            width, size, strides=strides, padding="same", use_bias=False
+        )(x)
+        return layers.BatchNormalization()(x)
+
+    inputs = keras.Input((32, 32, 3))
+    x = inputs
+    if normalize:
+        x = layers.Normalization(
+            mean=CIFAR_MEAN, variance=np.square(CIFAR_STD).tolist()
+        )(x)
+    x = layers.ReLU()(conv_bn(x, widths[0]))
+    for stage, width in enumerate(widths):
+        for block in range(blocks):
+            strides = 2 if stage > 0 and block == 0 else 1
+            shortcut = x
+            if strides > 1 or x.shape[-1] != width:
+                shortcut = conv_bn(x, width, strides, size=1)
+            y = layers.ReLU()(conv_bn(x, width, strides))
+            y = conv_bn(y, width)
+            x = layers.ReLU()(layers.Add()([shortcut, y]))
+    x = layers.GlobalAveragePooling2D()(x)
+    outputs = layers.Dense(classes)(x)
+    return keras.Model(inputs, outputs, name=f"resnet{6 * blocks + 2}")
 
 
 def digits_cnn(input_shape=(8, 8, 1), classes=10, widths=(32, 64, 64)):

@@ -17,10 +17,16 @@
   images whose actions include it, gathered and added back in place
   (`GatedConv2D.call_blocks`, `GatedHead.call_blocks`).
 
-The work the sliced modes execute is what `Plan.path_flops` counts.
+A residual network (`keras_rnp.residual_planner.ResidualPlan`) runs its
+stream layers at full width and each gated block in the same three modes,
+one action per block and image (`keras_rnp.layers.GatedBlock`).
+
+The work the sliced modes execute is what the plan's `path_flops` counts.
 """
 
 import tensorflow as tf
+
+from keras_rnp.residual_planner import ResidualPlan
 
 MASKED = "masked"
 SLICED = "sliced"
@@ -56,25 +62,87 @@ def forward(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}. Received: {mode!r}.")
+    decide = _Decider(decision, target_decision, choose, tf.shape(images)[0])
+    if isinstance(plan, ResidualPlan):
+        x = _forward_residual(plan, decide, images, mode, training)
+    else:
+        x = _forward_chain(plan, decide, images, mode, training)
+    x = tf.cast(x, _output_dtype(x.dtype))
+    outputs = (
+        x,
+        tf.stack(decide.taken, axis=1),
+        tf.stack(decide.q_values, axis=1),
+    )
+    if target_decision is not None:
+        outputs += (tf.stack(decide.target_q_values, axis=1),)
+    return outputs
+
+
+class _Decider:
+    """Steps the decision network (and the target network) on each gated
+    layer's input and records the Q-values and actions."""
+
+    def __init__(self, decision, target_decision, choose, batch):
+        self.decision, self.target_decision = decision, target_decision
+        self.choose = choose
+        self.state = decision.initial_state(batch)
+        if target_decision is not None:
+            self.target_state = target_decision.initial_state(batch)
+        self.taken, self.q_values, self.target_q_values = [], [], []
+
+    def __call__(self, x):
+        """The `[B]` actions for the gated layer whose input is `x`."""
+        t, x = len(self.taken), tf.stop_gradient(x)
+        q, self.state = self.decision.step(t, x, self.state)
+        self.q_values.append(q)
+        if self.target_decision is not None:
+            target_q, self.target_state = self.target_decision.step(
+                t, x, self.target_state
+            )
+            self.target_q_values.append(tf.stop_gradient(target_q))
+        action = self.choose(t, q)
+        self.taken.append(action)
+        return action
+
+
+def _forward_residual(plan, decide, images, mode, training):
+    """Stream layers at full width, gated blocks at their actions."""
+    values = [images]
+    for step in plan.steps:
+        inputs = [values[slot] for slot in step.inputs]
+        if step.block is None:
+            layer_input = inputs[0] if len(inputs) == 1 else inputs
+            values.append(step.layer(layer_input, training=training))
+            continue
+        x, block = inputs[0], step.block
+        action = decide(x)
+        if mode == MASKED:
+            y = block.call_masked(x, action, training=training)
+        elif mode == SLICED_ONNX:
+            y = block.call_blocks(x, action)
+        else:
+            y = _by_group(
+                x,
+                tf.cast(action, tf.int32) - 1,
+                lambda part, group, block=block: block.call_sliced(
+                    part, group + 1
+                ),
+                block.unit_output_shape,
+                x.dtype,
+            )
+        values.append(y)
+    return values[plan.output_slot]
+
+
+def _forward_chain(plan, decide, images, mode, training):
+    """The chain: `pre`, the gated units in order, the head."""
     x = images
     for layer in plan.pre:
         x = layer(x, training=training)
-    state = decision.initial_state(tf.shape(images)[0])
-    if target_decision is not None:
-        target_state = target_decision.initial_state(tf.shape(images)[0])
-    taken, q_values, target_q_values = [], [], []
     previous = None
     last = len(plan.units) - 1
     for t, unit in enumerate(plan.units):
-        q, state = decision.step(t, tf.stop_gradient(x), state)
-        q_values.append(q)
-        if target_decision is not None:
-            target_q, target_state = target_decision.step(
-                t, tf.stop_gradient(x), target_state
-            )
-            target_q_values.append(tf.stop_gradient(target_q))
-        action = choose(t, q)
-        taken.append(action)
+        action = decide(x)
         if mode == MASKED:
             x = unit.call_masked(
                 x, action, previous_action=previous, training=training
@@ -91,11 +159,7 @@ def forward(
         previous = action
     if mode == MASKED:
         x = plan.head.call(x, training=training)
-    x = tf.cast(x, _output_dtype(x.dtype))
-    outputs = (x, tf.stack(taken, axis=1), tf.stack(q_values, axis=1))
-    if target_decision is not None:
-        outputs += (tf.stack(target_q_values, axis=1),)
-    return outputs
+    return x
 
 
 def _run_sliced(unit, x, previous, action, head_plan):
@@ -144,11 +208,25 @@ def _run_sliced(unit, x, previous, action, head_plan):
             y = tf.pad(y, [[0, 0], [0, 0], [0, 0], [0, padding]])
         return tf.ensure_shape(y, (None, *output_shape))
 
+    return _by_group(x, key, run_group, output_shape, out_dtype)
+
+
+def _by_group(x, key, run_group, output_shape, out_dtype):
+    """`run_group(part, group)` on the images of `x` of each `key` (a `[B]`
+    int32 tensor), the results back in the images' order.
+
+    A batch whose images share one key (always so at batch 1) runs once on
+    the whole batch; a mixed batch loops over the keys present (a
+    `while_loop`: the graph holds one copy of `run_group`, however many
+    keys there are), and the results are merged back with one gather.
+    `group` is a scalar int32 tensor, so slices it chooses are chosen at
+    run time. Each result has shape `[part's batch, *output_shape]`.
+    """
+
+    def run(part, group):
+        return tf.ensure_shape(run_group(part, group), (None, *output_shape))
+
     def grouped():
-        # One loop over the groups present, each group's kernel slice
-        # chosen at run time: the graph holds one convolution per unit
-        # whatever the number of groups (a branch per group made the first
-        # call's tracing grow as L x k^2).
         present = tf.unique(key).y
         outputs = tf.TensorArray(
             out_dtype,
@@ -166,7 +244,7 @@ def _run_sliced(unit, x, previous, action, head_plan):
         def body(i, outputs, rows):
             group = present[i]
             index = tf.cast(tf.where(tf.equal(key, group))[:, 0], tf.int32)
-            part = run_group(tf.gather(x, index), group)
+            part = run(tf.gather(x, index), group)
             return i + 1, outputs.write(i, part), rows.write(i, index)
 
         _, outputs, rows = tf.while_loop(
@@ -180,15 +258,10 @@ def _run_sliced(unit, x, previous, action, head_plan):
         inverse = tf.scatter_nd(order[:, None], tf.range(batch), [batch])
         return tf.gather(outputs.concat(), inverse)
 
-    def uniform():
-        # Every image in one group (always so at batch 1): one convolution
-        # on the whole batch, its kernel slice chosen at run time.
-        return run_group(x, key[0])
-
     is_uniform = tf.logical_and(
         tf.size(key) > 0, tf.reduce_min(key) == tf.reduce_max(key)
     )
-    return tf.cond(is_uniform, uniform, grouped)
+    return tf.cond(is_uniform, lambda: run(x, key[0]), grouped)
 
 
 def _output_dtype(dtype):

@@ -72,7 +72,7 @@ SUPPORTED = (
 _CHANNEL_MIXING_ACTIVATIONS = ("softmax", "log_softmax")
 
 
-def _refuse(layer, why, next_step=SUPPORTED):
+def refuse(layer, why, next_step=SUPPORTED):
     """Raises the one-line refusal: the layer, why, and what to do."""
     raise ValueError(
         f"keras_rnp.wrap() cannot handle layer '{layer.name}' "
@@ -80,7 +80,7 @@ def _refuse(layer, why, next_step=SUPPORTED):
     )
 
 
-def _is_channelwise(layer):
+def is_channelwise(layer):
     if not isinstance(layer, CHANNELWISE_LAYERS):
         return False
     if isinstance(layer, _L.BatchNormalization) and layer.axis not in (-1, 3):
@@ -91,12 +91,14 @@ def _is_channelwise(layer):
     return data_format == "channels_last"
 
 
-def chain_layers(model):
-    """The model's layers as a list, checking that they form a single chain.
+def is_residual(model):
+    """Checks that `model` is a network `wrap()` can read; True if it is a
+    functional model with merges (planned as a residual network), False
+    for a chain.
 
     Raises:
         ValueError: if the model is not a built Sequential or functional
-            model, or if its layers branch or merge.
+            model with one input and one output, or nests models.
     """
     if not isinstance(model, keras.Model):
         raise ValueError(
@@ -129,18 +131,29 @@ def chain_layers(model):
     ]
     for layer in layers:
         if isinstance(layer, keras.Model):
-            _refuse(layer, "nested models are not supported; flatten it")
+            refuse(layer, "nested models are not supported; flatten it")
     if isinstance(model, keras.Sequential):
-        return layers  # A Sequential model is a chain by construction.
-    for layer in layers:
-        if isinstance(layer.input, (list, tuple)):
-            _refuse(
-                layer,
-                "it merges branches (a residual or concatenating network); "
-                "only a chain of layers, each feeding the next, is supported",
-                'Wrap a chain network (see "What wrap() accepts" in the '
-                "README); keras_rnp.count_flops() still counts this model.",
-            )
+        return False  # A Sequential model is a chain by construction.
+    return any(isinstance(layer.input, (list, tuple)) for layer in layers)
+
+
+def chain_layers(model):
+    """The model's layers as a list, checking that they form a single chain.
+
+    Raises:
+        ValueError: if the model is not a built Sequential or functional
+            model, or if its layers branch or merge.
+    """
+    layers = [
+        layer for layer in model.layers if not isinstance(layer, _L.InputLayer)
+    ]
+    if is_residual(model):
+        merge = next(
+            layer for layer in layers if isinstance(layer.input, (list, tuple))
+        )
+        refuse(merge, "a chain was expected; it merges branches")
+    if isinstance(model, keras.Sequential):
+        return layers
     previous = model.inputs[0]
     for layer in layers:
         layer_input = layer.input
@@ -148,7 +161,7 @@ def chain_layers(model):
             isinstance(layer_input, (list, tuple))
             or layer_input is not previous
         ):
-            _refuse(
+            refuse(
                 layer,
                 "the model branches or merges here; only a chain "
                 "of layers, each feeding the next, is supported",
@@ -193,6 +206,23 @@ class Plan:
     def gated_flops(self):
         """Full FLOPs of each gated convolution."""
         return [unit.full_flops for unit in self.units]
+
+    @property
+    def gated_convs(self):
+        """The gated convolutions, in order."""
+        return [unit.conv for unit in self.units]
+
+    @property
+    def ends_in_softmax(self):
+        """Whether the model outputs probabilities rather than logits."""
+        return self.head.ends_in_softmax
+
+    def step_flops(self, actions):
+        """FLOPs per image of each gated convolution, a list of `[B]`, for
+        `[B, L]` float actions (see `keras_rnp.flops.gated_layer_flops`)."""
+        return flops_lib.gated_layer_flops(
+            actions, self.gated_flops, self.in_gated, self.units[0].groups
+        )
 
     @property
     def in_gated(self):
@@ -245,9 +275,9 @@ def plan_chain(
     gated = convs if gate_first else convs[1:]
     for layer in layers:
         if not isinstance(layer, _KNOWN_LAYERS):
-            _refuse(layer, _why_not(layer, section=None))
+            refuse(layer, _why_not(layer, section=None))
         if isinstance(layer, _L.Conv2D):
-            _check_conv(layer, groups, gated_conv=layer in gated)
+            check_conv(layer, groups, gated_conv=layer in gated)
     input_shape = tuple(model.inputs[0].shape)
     if len(input_shape) != 4:
         raise ValueError(
@@ -276,7 +306,7 @@ def plan_chain(
         cost = flops_lib.layer_flops(layer, in_shape, out_shape)
         if isinstance(layer, _L.Conv2D):
             if section == "head":
-                _refuse(
+                refuse(
                     layer,
                     "a convolution after the head's flatten or "
                     "global pooling is not supported",
@@ -290,13 +320,13 @@ def plan_chain(
                 section = "pre"
         elif section in ("input", "pre") and isinstance(layer, INPUT_LAYERS):
             if section != "input":
-                _refuse(
+                refuse(
                     layer,
                     "input scaling is supported only before the "
                     "first convolution",
                 )
             pre.append(layer)
-        elif section in ("input", "pre", "unit") and _is_channelwise(layer):
+        elif section in ("input", "pre", "unit") and is_channelwise(layer):
             if section == "unit":
                 units[-1][1].append(layer)
             else:
@@ -310,7 +340,7 @@ def plan_chain(
             head.append(layer)
             head_flops += cost
         else:
-            _refuse(layer, _why_not(layer, section))
+            refuse(layer, _why_not(layer, section))
     if section != "head":
         raise ValueError(
             "keras_rnp.wrap() expects a classifier head after the last "
@@ -354,22 +384,22 @@ def _reads_gated_channels(head):
     )
 
 
-def _check_conv(layer, groups, gated_conv):
+def check_conv(layer, groups, gated_conv):
     if layer.data_format != "channels_last":
-        _refuse(
+        refuse(
             layer,
             f"data_format={layer.data_format}; only channels_last is supported",
         )
     if layer.groups != 1:
-        _refuse(
+        refuse(
             layer,
             f"groups={layer.groups}; grouped convolutions are not supported",
         )
     if activation_name(layer) in _CHANNEL_MIXING_ACTIVATIONS:
-        _refuse(layer, "a softmax activation on a feature map mixes channels")
+        refuse(layer, "a softmax activation on a feature map mixes channels")
     if gated_conv and layer.filters % groups:
         divisors = [g for g in range(2, 9) if layer.filters % g == 0]
-        _refuse(
+        refuse(
             layer,
             f"its {layer.filters} filters are not divisible by groups={groups}",
             "Pass a groups that divides every gated convolution's filters"

@@ -4,7 +4,6 @@ import dataclasses
 
 import numpy as np
 
-from keras_rnp import flops as flops_lib
 from keras_rnp.evaluation import flops_ratio_and_spread
 from keras_rnp.evaluation import per_image_losses
 from keras_rnp.rnp_model import RNPModel
@@ -151,12 +150,7 @@ def report(rnp, dataset, budget=0.0, print_fn=print, batch_size=256):
             labels, logits, from_logits=not rnp.ends_in_softmax
         ).astype(np.float64)
 
-    per_layer = flops_lib.gated_layer_flops(
-        actions.astype(np.float64),
-        rnp.plan.gated_flops,
-        rnp.plan.in_gated,
-        rnp.groups,
-    )
+    per_layer = rnp.plan.step_flops(actions.astype(np.float64))
     layers = []
     for t, (unit, layer_flops) in enumerate(
         zip(rnp.plan.units, per_layer, strict=True)
@@ -165,7 +159,7 @@ def report(rnp, dataset, budget=0.0, print_fn=print, batch_size=256):
         counts = np.bincount(action - 1, minlength=rnp.groups)
         layers.append(
             {
-                "layer": unit.conv.name,
+                "layer": unit.label,
                 "action_counts": counts.tolist(),
                 "action_share": (counts / len(action)).tolist(),
                 "mean_action": float(action.mean()),

@@ -19,6 +19,7 @@ from keras_rnp import flops as flops_lib
 from keras_rnp import io_utils
 from keras_rnp import planner
 from keras_rnp import policy
+from keras_rnp import residual_planner
 from keras_rnp import validation
 from keras_rnp.layers.decision_network import DecisionNetwork
 from keras_rnp.trainer import RNPTrainer
@@ -43,7 +44,8 @@ class RNPModel(RNPTrainer, keras.Model):
     (decision network frozen, greedy), round after round.
 
     Args:
-        backbone: the plain Keras model (a chain CNN, see `keras_rnp.wrap`).
+        backbone: the plain Keras model (a chain or residual CNN, see
+            `keras_rnp.wrap`).
             Its layers are used as they are: wrap() passes a clone.
         groups: channel groups `k` per gated convolution (actions 1..k).
         penalty: `p`, the reward paid per extra group: `r_t = -p(a_t - 1)`.
@@ -175,12 +177,15 @@ class RNPModel(RNPTrainer, keras.Model):
             seed = int(np.random.randint(0, 2**31 - 1))
         self.seed = seed
 
-        self._plan = planner.plan_chain(
+        plan = planner.plan_chain
+        if planner.is_residual(backbone):
+            plan = residual_planner.plan_residual
+        self._plan = plan(
             backbone,
             self.groups,
-            self.gate_first,
-            self.width_aware_bn,
-            self.width_aware_affine,
+            gate_first=self.gate_first,
+            width_aware=self.width_aware_bn,
+            width_affine=self.width_aware_affine,
         )
         # Per-width batch-norm statistics (tracked here, so saved).
         self.width_norms = [
@@ -210,7 +215,7 @@ class RNPModel(RNPTrainer, keras.Model):
             self._plan.gated_flops, self.groups, penalty_mode
         )
         # Whether the backbone outputs probabilities rather than logits.
-        self.ends_in_softmax = self._plan.head.ends_in_softmax
+        self.ends_in_softmax = self._plan.ends_in_softmax
         # Training state, saved with the model.
         # Every replica counts the same steps: keep one count. Replicas
         # update the loss mean from their shares of the batch: the mean of
@@ -250,7 +255,8 @@ class RNPModel(RNPTrainer, keras.Model):
 
     @property
     def num_gated_layers(self):
-        """Number of gated convolutions, `L`."""
+        """Number of decision steps `L`: the gated convolutions of a chain,
+        the gated blocks of a residual network."""
         return len(self._plan.units)
 
     @property
@@ -260,8 +266,8 @@ class RNPModel(RNPTrainer, keras.Model):
 
     @property
     def gated_layers(self):
-        """The gated Conv2D layers, in order."""
-        return [unit.conv for unit in self._plan.units]
+        """The Conv2D layers whose output channels are gated, in order."""
+        return self._plan.gated_convs
 
     def flops_from_actions(self, actions):
         """FLOPs per image for `[B, L]` actions, decision network included.

@@ -4,6 +4,11 @@ Li et al., "Pruning Filters for Efficient ConvNets" (ICLR 2017): each
 pruned convolution keeps the filters with the largest L1 norms, for every
 input alike. The layers that follow lose the matching input channels.
 `sort_filters` uses the same ranking to order filters for RNP.
+
+Chains prune every convolution (the first one only with `prune_first`);
+residual networks prune the convolutions RNP gates, the inner widths of
+their blocks (see `keras_rnp.residual_planner`), and leave the stream
+whole.
 """
 
 import keras
@@ -16,23 +21,25 @@ _L = keras.layers
 
 
 def l1_prune(model, keep, prune_first=False):
-    """A copy of a chain CNN whose convolutions keep fewer filters.
+    """A copy of a CNN whose convolutions keep fewer filters.
 
     Args:
-        model: a built chain CNN (what `keras_rnp.wrap` accepts).
+        model: a built chain or residual CNN (what `keras_rnp.wrap`
+            accepts); a residual network's inner convolutions are pruned.
         keep: fraction of each pruned convolution's filters to keep, in
             (0, 1]; at least one filter is kept.
-        prune_first: also prune the first convolution (RNP leaves it whole
-            unless `gate_first=True`; so does this, by default).
+        prune_first: also prune the first convolution of a chain (RNP
+            leaves it whole unless `gate_first=True`; so does this, by
+            default).
 
     Returns:
-        A new `keras.Sequential` with the surviving weights copied in.
+        A new model of the same kind, with the surviving weights copied in.
     """
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"Expected 0 < keep <= 1. Received: keep={keep}")
 
-    def strongest(index, norms):
-        if index == 0 and not prune_first:
+    def strongest(first, norms):
+        if first and not prune_first:
             return np.arange(len(norms))
         count = max(1, int(round(keep * len(norms))))
         return np.sort(np.argsort(-norms, kind="stable")[:count])
@@ -41,7 +48,7 @@ def l1_prune(model, keep, prune_first=False):
 
 
 def sort_filters(model):
-    """A copy of a chain CNN with each convolution's filters in decreasing
+    """A copy of a CNN with each gated convolution's filters in decreasing
     order of L1 norm: the same function, channels permuted.
 
     RNP's action `a` computes a convolution's first `a` groups of filters.
@@ -50,10 +57,10 @@ def sort_filters(model):
     arbitrary slice. Call it before `keras_rnp.wrap`.
 
     Returns:
-        A new `keras.Sequential` with the permuted weights copied in.
+        A new model of the same kind, with the permuted weights copied in.
     """
 
-    def by_norm(index, norms):
+    def by_norm(first, norms):
         return np.argsort(-norms, kind="stable")
 
     return _select_filters(model, by_norm, f"{model.name}_sorted")
@@ -61,8 +68,10 @@ def sort_filters(model):
 
 def _select_filters(model, choose, name):
     """Copies a chain CNN keeping, in each Conv2D, the filters
-    `choose(conv_index, l1_norms)` returns, in that order; the channel-wise
+    `choose(is_first_conv, l1_norms)` returns, in that order; the channel-wise
     layers and the next Conv2D or Dense follow the same channels."""
+    if planner.is_residual(model):
+        return _select_inner_filters(model, choose, name)
     layers = planner.chain_layers(model)
     if not any(isinstance(layer, _L.Conv2D) for layer in layers):
         raise ValueError(
@@ -82,7 +91,7 @@ def _select_filters(model, choose, name):
             norms = np.abs(kernel).sum(axis=(0, 1, 2))
             if kept is not None:
                 kernel = kernel[:, :, kept, :]
-            out = np.asarray(choose(conv_index, norms))
+            out = np.asarray(choose(conv_index == 0, norms))
             conv_index += 1
             weights = [kernel[..., out]] + [w[out] for w in weights[1:]]
             config["filters"] = len(out)
@@ -112,6 +121,49 @@ def _select_filters(model, choose, name):
     for layer, weights in zip(new_layers, new_weights, strict=True):
         layer.set_weights(weights)
     return copy
+
+
+def _select_inner_filters(model, choose, name):
+    """`_select_filters` for a residual network: each inner convolution
+    keeps the filters `choose(False, l1_norms)` returns; its batch norms
+    and depthwise convolution, and the block's next convolution, follow."""
+    from keras_rnp import residual_planner  # It imports this module's peers.
+
+    plan = residual_planner.plan_residual(model, groups=1)
+    # Per layer name: the input channels and the output channels to keep.
+    inputs, outputs = {}, {}
+    for block in plan.units:
+        for unit, after in zip(block.units[:-1], block.units[1:], strict=True):
+            norms = np.abs(unit.conv.get_weights()[0]).sum(axis=(0, 1, 2))
+            kept = np.asarray(choose(False, norms))
+            outputs[unit.conv.name] = kept
+            for layer in unit.tail:
+                outputs[layer.name] = kept
+            inputs[after.conv.name] = kept
+
+    def clone(layer):
+        config = layer.get_config()
+        if isinstance(layer, _L.Conv2D) and layer.name in outputs:
+            config["filters"] = len(outputs[layer.name])
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    for layer in model.layers:
+        weights = layer.get_weights()
+        if not weights:
+            continue
+        if layer.name in inputs:  # A convolution reading pruned channels.
+            weights[0] = weights[0][:, :, inputs[layer.name], :]
+        if layer.name in outputs:
+            kept = outputs[layer.name]
+            if isinstance(layer, (_L.Conv2D, _L.DepthwiseConv2D)):
+                axis = 3 if isinstance(layer, _L.Conv2D) else 2
+                weights[0] = np.take(weights[0], kept, axis=axis)
+                weights[1:] = [w[kept] for w in weights[1:]]
+            else:  # Batch norm.
+                weights = [w[kept] for w in weights]
+        copy.get_layer(layer.name).set_weights(weights)
+    return keras.Model(copy.inputs[0], copy.outputs[0], name=name)
 
 
 def l1_prune_to_flops(model, speedup, prune_first=False):

@@ -7,20 +7,24 @@ from keras_rnp.rnp_model import RNPModel
 
 
 def wrap(model, groups=4, gate_first=False, **kwargs):
-    """Turns a chain CNN into an `RNPModel` with runtime channel pruning.
+    """Turns a CNN into an `RNPModel` with runtime channel pruning.
 
-    Every Conv2D except the first (all of them with `gate_first=True`) has
-    its filters split into `groups` contiguous groups; a decision network
-    chooses per image how many to compute. The model is cloned: training
+    In a chain, every Conv2D except the first (all of them with
+    `gate_first=True`) has its filters split into `groups` contiguous
+    groups; a decision network chooses per image how many to compute. In a
+    residual network (a functional model whose blocks an `Add` joins) the
+    stream stays whole and each block's inner width is gated, one decision
+    per block (see "Residual networks" in the README). The model is cloned: training
     the result leaves `model` untouched, and its trained weights carry over.
 
-    Supported: `keras.Sequential` and functional models that form a chain,
-    channels-last, built with a fixed image size: Conv2D (any strides,
-    padding, dilation, with or without bias or activation),
+    Supported chains: `keras.Sequential` and functional models that form a
+    chain, channels-last, built with a fixed image size: Conv2D (any
+    strides, padding, dilation, with or without bias or activation),
     BatchNormalization, activations (Activation, ReLU, LeakyReLU, ELU),
     MaxPooling2D, AveragePooling2D, Dropout, SpatialDropout2D, Rescaling and
     Normalization at the input, then GlobalAveragePooling2D,
-    GlobalMaxPooling2D or Flatten, then Dense layers. Each gated Conv2D's
+    GlobalMaxPooling2D or Flatten, then Dense layers. Residual networks may
+    also hold DepthwiseConv2D, ZeroPadding2D and Add. Each gated Conv2D's
     filters must be divisible by `groups`.
 
     Args:
@@ -56,7 +60,7 @@ def wrap(model, groups=4, gate_first=False, **kwargs):
             f"RNPModel ({model.name}); use keras_rnp.strip() first."
         )
     # Check before cloning, so errors name the user's layers.
-    planner.chain_layers(model)
+    planner.is_residual(model)
     backbone = keras.models.clone_model(model)
     backbone.set_weights(model.get_weights())
     return RNPModel(backbone, groups=groups, gate_first=gate_first, **kwargs)

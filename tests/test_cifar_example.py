@@ -180,6 +180,49 @@ def test_supernet_warmup_with_width_aware_statistics(tmp_path):
         assert norm.moving_mean.shape == warm_norm.moving_mean.shape
 
 
+def test_resnet20_runs_every_training_step_on_inner_widths(tmp_path):
+    data_dir = make_image_folder(tmp_path / "data", classes=3, train=12)
+    work_dir = tmp_path / "work"
+    config = cifar.Config(
+        data_dir=data_dir,
+        work_dir=str(work_dir),
+        arch="resnet20",
+        widths=(4, 8, 8),
+        backbone_epochs=1,
+        rnp_epochs=1,
+        warmup_epochs=1,
+        width_aware_bn=True,
+        sandwich_paths=1,
+        penalties=(0.1,),
+        decision_steps=1,
+        backbone_steps=1,
+        static_speedups=(1.5,),
+        budgets=(0.0, 1e6),
+        batch_size=8,
+        verbose=0,
+    )
+    config.steps = ["backbone", "rnp", "static", "evaluate"]
+    results = cifar.run(config)
+    backbone = keras.saving.load_model(work_dir / "backbone.keras")
+    assert results["full"]["flops"] == keras_rnp.count_flops(
+        backbones.resnet20(3, (4, 8, 8))
+    )
+    rnp = keras.saving.load_model(work_dir / "rnp_p0.1.keras")
+    assert rnp.num_gated_layers == 9  # One decision per basic block.
+    # Static pruning narrows the same inner widths and nothing else.
+    static = keras.saving.load_model(work_dir / "static_1.5x.keras")
+    gated = {conv.name for conv in rnp.gated_layers}
+    for before, after in zip(backbone.layers, static.layers, strict=True):
+        if isinstance(before, keras.layers.Conv2D):
+            narrower = after.filters < before.filters
+            assert narrower == (before.name in gated), before.name
+    assert results["static"][0]["flops_ratio"] <= 1 / 1.5
+    assert all(
+        layer["action_counts"][0] == 12
+        for layer in results["sweep"][-1]["layers"]
+    )
+
+
 @pytest.mark.parametrize("prune_first", [False, True])
 def test_static_pruning_keeps_or_prunes_the_first_convolution(
     tmp_path, prune_first

@@ -1,4 +1,4 @@
-"""Property tests on random chain CNNs (hypothesis)."""
+"""Property tests on random chain and residual CNNs (hypothesis)."""
 
 import math
 
@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import settings
 
 import keras_rnp
+from keras_rnp import execution
 
 L = keras.layers
 SETTINGS = dict(
@@ -158,3 +159,107 @@ def test_random_chains_export_to_onnx_with_parity(spec, data, tmp_path_factory):
         got["logits"], want["logits"].numpy(), rtol=1e-4, atol=1e-4
     )
     np.testing.assert_allclose(got["flops"], want["flops"].numpy(), rtol=1e-6)
+
+
+@st.composite
+def residual_cnns(draw):
+    """A random residual CNN: a stem, then blocks of three kinds (basic:
+    two 3x3; bottleneck: 1x1, 3x3, 1x1; inverted: 1x1 expansion, depthwise
+    3x3, 1x1 projection), each with an identity shortcut, a projection
+    shortcut (1x1 convolution, maybe strided, with batch norm) or none,
+    then global pooling and a dense layer. Returns `(build, groups)`:
+    `build()` makes the model with seeded weights and random batch-norm
+    statistics."""
+    groups = draw(st.sampled_from([2, 4]))
+    size = 8
+    stem = stream = groups * draw(st.integers(1, 3))
+    blocks = []
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["basic", "bottleneck", "inverted"]))
+        inner = groups * draw(st.integers(1, 3))
+        stride = draw(st.sampled_from([1, 2])) if size >= 4 else 1
+        shortcut = draw(st.sampled_from(["identity", "projection", "none"]))
+        out = stream
+        if shortcut != "identity" or stride > 1:
+            out = groups * draw(st.integers(1, 3))
+            if shortcut == "identity":
+                shortcut = "projection"
+        blocks.append((kind, inner, stride, shortcut, out))
+        stream, size = out, math.ceil(size / stride)
+    if all(shortcut == "none" for _, _, _, shortcut, _ in blocks):
+        # At least one Add: a network without one is a chain.
+        kind, inner, stride, _, out = blocks[0]
+        blocks[0] = (kind, inner, stride, "projection", out)
+    seed = draw(st.integers(0, 2**16))
+    bias = draw(st.booleans())
+    activation = draw(st.sampled_from(["relu", "relu6", "tanh"]))
+    spec = (groups, stem, blocks, seed, bias, activation)
+
+    def build():
+        keras.utils.set_random_seed(seed)
+
+        def act(x):
+            if activation == "relu6":
+                return L.ReLU(6.0)(x)
+            return L.Activation(activation)(x)
+
+        def conv(x, filters, kernel, strides=1):
+            x = L.Conv2D(
+                filters, kernel, strides, padding="same", use_bias=bias
+            )(x)
+            return L.BatchNormalization()(x)
+
+        inputs = keras.Input((8, 8, 3))
+        x = act(conv(inputs, stem, 3))
+        for kind, inner, stride, shortcut, out in blocks:
+            if kind == "basic":
+                y = act(conv(x, inner, 3, stride))
+                y = conv(y, out, 3)
+            elif kind == "bottleneck":
+                y = act(conv(x, inner, 1))
+                y = act(conv(y, inner, 3, stride))
+                y = conv(y, out, 1)
+            else:
+                y = act(conv(x, inner, 1))
+                y = L.DepthwiseConv2D(3, stride, padding="same")(y)
+                y = act(L.BatchNormalization()(y))
+                y = conv(y, out, 1)
+            if shortcut == "projection":
+                y = L.Add()([conv(x, out, 1, stride), y])
+            elif shortcut == "identity":
+                y = L.Add()([x, y])
+            x = act(y) if kind != "inverted" else y
+        x = L.GlobalAveragePooling2D()(x)
+        model = keras.Model(inputs, L.Dense(3)(x))
+        randomize_batch_norm(model, seed=seed)
+        return model
+
+    return build, groups, spec
+
+
+@settings(max_examples=10, **SETTINGS)
+@given(net=residual_cnns(), data=st.data())
+def test_random_residual_networks_are_exact_and_sliced_equals_masked(net, data):
+    build, groups, _ = net
+    model = build()
+    rnp = keras_rnp.wrap(
+        model, groups=groups, width_aware_bn=data.draw(st.booleans()), seed=0
+    )
+    images, actions = images_and_actions(rnp, data, batch=5)
+    full = rnp.run(images, actions=groups)["logits"].numpy()
+    np.testing.assert_allclose(
+        full, model(images).numpy(), rtol=1e-4, atol=1e-4
+    )
+    assert rnp.full_flops == keras_rnp.count_flops(model)
+    masked, _, _ = rnp.forward(images, actions=actions)
+    for mode in (execution.SLICED, execution.SLICED_ONNX):
+        out, _, _ = rnp.forward(images, actions=actions, mode=mode)
+        np.testing.assert_allclose(
+            out.numpy(), masked.numpy(), rtol=1e-4, atol=1e-4
+        )
+    sliced = rnp.run(images, actions=actions)
+    np.testing.assert_allclose(
+        sliced["flops"].numpy(),
+        rnp.flops_from_actions(actions).numpy(),
+        rtol=1e-6,
+    )

@@ -167,8 +167,8 @@ def residual_model():
             ),
             "needs at least one Conv2D to gate",
         ),
-        (branching_model, "'merge' \\(Add\\).*merges branches"),
-        (residual_model, "'merge' \\(Add\\).*merges branches"),
+        (branching_model, "found no block to gate in model="),
+        (residual_model, "found no block to gate in model="),
         (
             lambda: chain(L.Dense(4), L.Dense(2), input_shape=(5,)),
             "4D input .*Received: input shape \\(None, 5\\)",
@@ -246,22 +246,17 @@ def test_bad_arguments_are_refused(kwargs, pattern):
 
 
 def test_refusals_name_the_merge_layer_and_say_what_to_do():
-    resnet = keras.applications.ResNet50(
-        weights=None, input_shape=(32, 32, 3), classes=10
-    )
-    with pytest.raises(ValueError) as error:
-        keras_rnp.wrap(resnet)
-    message = str(error.value)
-    assert "'conv2_block1_add' (Add): it merges branches" in message
-    assert "README" in message and "\n" not in message
     inputs = keras.Input((8, 8, 3))
     a = L.Conv2D(4, 3, padding="same")(inputs)
     b = L.Conv2D(4, 3, padding="same")(a)
     x = L.Concatenate(name="concat")([a, b])
     x = L.GlobalAveragePooling2D()(x)
     dense_net = keras.Model(inputs, L.Dense(2)(x))
-    with pytest.raises(ValueError, match="'concat' \\(Concatenate\\)"):
+    with pytest.raises(ValueError) as error:
         keras_rnp.wrap(dense_net)
+    message = str(error.value)
+    assert "'concat' (Concatenate): concatenation" in message
+    assert "README" in message and "\n" not in message
 
 
 def test_filters_refusal_suggests_groups_instead_of_the_layer_list():

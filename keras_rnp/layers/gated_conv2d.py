@@ -29,7 +29,8 @@ class GatedConv2D(keras.layers.Layer):
     Args:
         conv: the `keras.layers.Conv2D` (or its serialized form).
         tail: the channel-wise layers that follow it (batch norm,
-            activations, pooling, dropout), in order.
+            activations, pooling, padding, dropout, depthwise convolutions
+            with one filter per channel), in order.
         groups: channel groups `k`; `conv.filters` must be divisible by it.
         in_gated: whether the input comes from another gated unit, so that
             only its first `a_{t-1}` of `k` input groups are active (and
@@ -40,6 +41,10 @@ class GatedConv2D(keras.layers.Layer):
             all widths.
         width_affine: with `width_aware`, also give each input width its
             own batch-norm gamma and beta (see `WidthBatchNorm`).
+        out_gated: whether the output channels are gated (the default);
+            False computes every output channel from the active inputs (the
+            last convolution of a residual block, which writes the whole
+            stream).
         **kwargs: base `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -75,6 +80,7 @@ class GatedConv2D(keras.layers.Layer):
         in_gated=False,
         width_aware=False,
         width_affine=False,
+        out_gated=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -106,12 +112,14 @@ class GatedConv2D(keras.layers.Layer):
         self.in_gated = bool(in_gated)
         self.width_aware = bool(width_aware)
         self.width_affine = bool(width_affine)
+        self.out_gated = bool(out_gated)
         self.out_channels = conv.filters
         # Width-aware statistics for the tail's batch norms, by position.
         self.width_norms = {}
         self.in_channels = None
         self.input_spatial_shape = None
         self.full_flops = None
+        self.tail_flops = None
         self.unit_output_shape = None
 
     def build(self, input_shape):
@@ -145,8 +153,13 @@ class GatedConv2D(keras.layers.Layer):
             self.conv, input_shape, conv_out
         )
         out = conv_out
+        # Depthwise convolutions in the tail run on the computed channels
+        # only: their cost follows the output's active fraction.
+        self.tail_flops = 0.0
         for layer in self.tail:
-            out = layer.compute_output_shape(out)
+            layer_out = layer.compute_output_shape(out)
+            self.tail_flops += flops_lib.layer_flops(layer, out, layer_out)
+            out = layer_out
         self.unit_output_shape = tuple(out[1:])
 
     def compute_output_shape(self, input_shape):
@@ -155,6 +168,11 @@ class GatedConv2D(keras.layers.Layer):
             out = layer.compute_output_shape(out)
         return out
 
+    @property
+    def label(self):
+        """A short name for reports: the convolution's."""
+        return self.conv.name
+
     def active_fraction_in(self, previous_action):
         """Fraction of input channels active, given the previous action."""
         if not self.in_gated:
@@ -162,7 +180,10 @@ class GatedConv2D(keras.layers.Layer):
         return previous_action / self.groups
 
     def channel_mask(self, action):
-        """A `[B, 1, 1, C]` float mask keeping the first `action` groups."""
+        """A `[B, 1, 1, C]` float mask keeping the first `action` groups
+        (every channel if the output is not gated)."""
+        if not self.out_gated:
+            return tf.ones([tf.shape(action)[0], 1, 1, self.out_channels])
         group_size = self.out_channels // self.groups
         mask = tf.sequence_mask(
             tf.cast(action, tf.int32) * group_size,
@@ -188,7 +209,7 @@ class GatedConv2D(keras.layers.Layer):
 
         Returns:
             `[B, H', W', C_out]`, with channels past `action * C_out / k`
-            exactly 0 in every image.
+            exactly 0 in every image (if the output is gated).
         """
         if self.width_norms and previous_action is None:
             raise ValueError(
@@ -202,6 +223,8 @@ class GatedConv2D(keras.layers.Layer):
                 y = layer(y, training=training)
             else:
                 y = norm.normalize(y, layer, previous_action, training)
+        if not self.out_gated:
+            return y
         return y * tf.cast(self.channel_mask(action), y.dtype)
 
     def call_sliced(self, x, in_active, out_active):
@@ -272,7 +295,7 @@ class GatedConv2D(keras.layers.Layer):
         )
         if bias is not None:
             y = tf.nn.bias_add(y, bias)
-        return _run_tail(conv.activation(y), tail, affine)
+        return _run_tail(conv.activation(y), tail, affine, slice(0, out_active))
 
     def call_blocks(self, x, action, previous_action=None):
         """Inference on the active channels as `k x k` kernel blocks, for
@@ -296,14 +319,16 @@ class GatedConv2D(keras.layers.Layer):
 
         Returns:
             A list of `k` tensors `[B, H', W', C_out / k]`, output group by
-            group, each exactly 0 for the images that skipped it.
+            group, each exactly 0 for the images that skipped it; one
+            tensor `[B, H', W', C_out]` if the output is not gated.
         """
         k, conv = self.groups, self.conv
         batch = tf.shape(x)[0]
         action = tf.cast(action, tf.int32)
         inputs = k if self.in_gated else 1
+        outputs_count = k if self.out_gated else 1
         group_in = self.in_channels // inputs
-        group_out = self.out_channels // k
+        group_out = self.out_channels // outputs_count
         if self.in_gated:
             width = tf.cast(previous_action, tf.int32)
         else:
@@ -330,29 +355,47 @@ class GatedConv2D(keras.layers.Layer):
             (None, *self.input_spatial_shape, self.in_channels)
         )
         outputs = []
-        for o in range(k):
+        for o in range(outputs_count):
             columns = slice(o * group_out, (o + 1) * group_out)
-            needed = action > o
+            width_out = group_out
+            needed = action > o if self.out_gated else action > 0
             # Summed in float32: onnxruntime's CPU ScatterND cannot add
             # float16 (mixed precision).
-            total = tf.zeros(
-                tf.stack([batch, shape[1], shape[2], group_out]), tf.float32
-            )
+            if o == 0:  # Starts from block (0, 0) below.
+                total = None
+            else:
+                total = tf.zeros(
+                    tf.stack([batch, shape[1], shape[2], group_out]),
+                    tf.float32,
+                )
             for i in range(inputs):
+                block = kernel[:, :, i * group_in : (i + 1) * group_in, columns]
+                part = x[:, :, :, i * group_in : (i + 1) * group_in]
+                if o == 0 and i == 0:
+                    # Every image computes the first block: no gather.
+                    y = tf.nn.conv2d(
+                        part,
+                        block,
+                        strides=conv.strides,
+                        padding=conv.padding.upper(),
+                        dilations=conv.dilation_rate,
+                    )
+                    total = tf.cast(y, tf.float32)
+                    continue
                 chosen = needed & (width > i) if self.in_gated else needed
                 rows = tf.where(chosen)
-                part = tf.gather_nd(
-                    x[:, :, :, i * group_in : (i + 1) * group_in], rows
-                )
-                block = kernel[:, :, i * group_in : (i + 1) * group_in, columns]
                 y = tf.nn.conv2d(
-                    part,
+                    tf.gather_nd(part, rows),
                     block,
                     strides=conv.strides,
                     padding=conv.padding.upper(),
                     dilations=conv.dilation_rate,
                 )
-                y = tf.cast(y, tf.float32)
+                # With oneDNN, a convolution on an empty batch (no image
+                # needs the block) returns the wrong shape: pin it.
+                y = tf.reshape(
+                    tf.cast(y, tf.float32), [-1, *shape[1:3], width_out]
+                )
                 total = tf.tensor_scatter_nd_add(total, rows, y)
             y = tf.cast(total, x.dtype)
             if bias is not None:
@@ -364,10 +407,11 @@ class GatedConv2D(keras.layers.Layer):
                     return scale[:, None, None, :], offset[:, None, None, :]
                 return scale, offset
 
-            y = _run_tail(conv.activation(y), tail, affine)
-            keep = tf.cast(needed, y.dtype)[:, None, None, None]
-            outputs.append(y * keep)
-        return outputs
+            y = _run_tail(conv.activation(y), tail, affine, columns)
+            if o > 0:  # Every image keeps the first group.
+                y = y * tf.cast(needed, y.dtype)[:, None, None, None]
+            outputs.append(y)
+        return outputs if self.out_gated else outputs[0]
 
     def get_config(self):
         return {
@@ -381,6 +425,7 @@ class GatedConv2D(keras.layers.Layer):
             "in_gated": self.in_gated,
             "width_aware": self.width_aware,
             "width_affine": self.width_affine,
+            "out_gated": self.out_gated,
         }
 
 
@@ -395,17 +440,38 @@ def _folds_first_norm(conv, tail):
     )
 
 
-def _run_tail(y, tail, affine):
-    """The tail's layers in inference on `y`: each batch norm as `y * scale
-    + offset` from `affine(index, layer)`, dropout skipped, the rest as
-    they are. `tail` is a list of `(index, layer)`."""
+def _run_tail(y, tail, affine, channels):
+    """The tail's layers in inference on `y`, the `channels` (a slice) of
+    the unit's output: each batch norm as `y * scale + offset` from
+    `affine(index, layer)`, a depthwise convolution on its slice of
+    filters, dropout skipped, the rest as they are. `tail` is a list of
+    `(index, layer)`."""
     for i, layer in tail:
         if isinstance(layer, _L.BatchNormalization):
             scale, offset = affine(i, layer)
             y = y * tf.cast(scale, y.dtype) + tf.cast(offset, y.dtype)
+        elif isinstance(layer, _L.DepthwiseConv2D):
+            y = _depthwise(layer, y, channels)
         elif not isinstance(layer, _L.Dropout):
             y = layer(y, training=False)
     return y
+
+
+def _depthwise(layer, y, channels):
+    """A depthwise convolution (one filter per channel) on `channels` (a
+    slice, its bounds ints or scalar tensors) of its input."""
+    kernel = layer.kernel[:, :, channels, :]
+    kernel = tf.reshape(tf.cast(kernel, y.dtype), [*layer.kernel_size, -1, 1])
+    y = tf.nn.depthwise_conv2d(
+        y,
+        kernel,
+        strides=(1, *layer.strides, 1),
+        padding=layer.padding.upper(),
+        dilations=layer.dilation_rate,
+    )
+    if layer.use_bias:
+        y = tf.nn.bias_add(y, tf.cast(layer.bias[channels], y.dtype))
+    return layer.activation(y)
 
 
 def _is_whole(sizes, shape):
