@@ -14,8 +14,9 @@ def wrap(model, groups=4, gate_first=False, **kwargs):
     groups; a decision network chooses per image how many to compute. In a
     residual network (a functional model whose blocks an `Add` joins) the
     stream stays whole and each block's inner width is gated, one decision
-    per block (see "Residual networks" in the README). The model is cloned: training
-    the result leaves `model` untouched, and its trained weights carry over.
+    per block (see "Residual networks" in the README). The model is cloned:
+    training the result leaves `model` untouched, and its trained weights
+    carry over.
 
     Supported chains: `keras.Sequential` and functional models that form a
     chain, channels-last, built with a fixed image size: Conv2D (any
