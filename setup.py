@@ -26,6 +26,8 @@ setup(
         "tensorflow-datasets>=4.9",
         "tf2onnx>=1.16",
         "onnxruntime>=1.17",
+        # The LiteRT (TensorFlow Lite) interpreter, for export_litert's files.
+        "ai-edge-litert>=1.2",
         "absl-py>=1.0",
         "numpy>=1.23",
     ],

@@ -3,10 +3,11 @@
 For each network and batch size, times the plain (unwrapped) backbone and
 the RNP model, alternately run after run, with every gated layer forced to
 a = 1..groups, plus mixed per-image actions drawn uniformly from 1..groups,
-in three runtimes: Keras (`rnp.run`, a compiled tf.function), the exported
-SavedModel (`serving_actions` signature) and onnxruntime (the
-forced-actions ONNX export); the plain backbone runs in the same runtime
-each time. Random weights: speed does not depend on them.
+in four runtimes: Keras (`rnp.run`, a compiled tf.function), the exported
+SavedModel (`serving_actions` signature), onnxruntime (the forced-actions
+ONNX export) and the LiteRT interpreter with XNNPACK (the forced-actions
+LiteRT export); the plain backbone runs in the same runtime each time.
+Random weights: speed does not depend on them.
 
     python benchmarks/speed.py --models=cifar4 --repeats=7
     python benchmarks/speed.py --models=vgg16 --batches=1
@@ -40,7 +41,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["cifar4", "vgg16"], "Networks to time.")
 flags.DEFINE_list("batches", ["1", "64"], "Batch sizes.")
 flags.DEFINE_list(
-    "runtimes", ["keras", "saved_model", "onnx"], "Runtimes to time."
+    "runtimes",
+    ["keras", "saved_model", "onnx", "litert"],
+    "Runtimes to time.",
 )
 flags.DEFINE_integer("groups", 4, "Channel groups per gated layer.")
 flags.DEFINE_integer("repeats", 5, "Timed runs per setting (median).")
@@ -156,6 +159,31 @@ class Runtimes:
                 ["logits"],
                 {"images": x, "forced_actions": actions.astype(np.int32)},
             )
+
+        return run_plain, run_rnp
+
+    def litert(self):
+        from ai_edge_litert.interpreter import Interpreter
+
+        # The plain backbone through the same converter, builtin ops.
+        converter = tf.lite.TFLiteConverter.from_keras_model(self.backbone)
+        plain_path = os.path.join(self.workdir, "plain.tflite")
+        with open(plain_path, "wb") as f:
+            f.write(converter.convert())
+        path = os.path.join(self.workdir, "rnp.tflite")
+        keras_rnp.export_litert(self.rnp, path, forced_actions=True)
+        # XNNPACK is the interpreter's default delegate on CPU.
+        plain = Interpreter(model_path=plain_path).get_signature_runner()
+        plain_input = next(iter(plain.get_input_details()))
+        forced = Interpreter(model_path=path).get_signature_runner(
+            "serving_actions"
+        )
+
+        def run_plain(x, actions):
+            plain(**{plain_input: x})
+
+        def run_rnp(x, actions):
+            forced(images=x, forced_actions=actions.astype(np.int32))
 
         return run_plain, run_rnp
 

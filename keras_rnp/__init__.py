@@ -4,6 +4,7 @@ from keras_rnp import callbacks
 from keras_rnp import datasets
 from keras_rnp import layers
 from keras_rnp import static_pruning
+from keras_rnp.export import export_litert
 from keras_rnp.export import export_onnx
 from keras_rnp.export import export_saved_model
 from keras_rnp.flops import count_flops
@@ -26,6 +27,7 @@ __all__ = [
     "callbacks",
     "count_flops",
     "datasets",
+    "export_litert",
     "export_onnx",
     "export_saved_model",
     "layers",

@@ -1,12 +1,14 @@
-"""Exports of an RNPModel: a SavedModel for TF Serving, and ONNX.
+"""Exports of an RNPModel: a SavedModel for TF Serving, ONNX, and LiteRT
+(TensorFlow Lite) for devices.
 
-Both run the same sliced execution as `RNPModel.run()`: each gated
+All run the same sliced execution as `RNPModel.run()`: each gated
 convolution computes only its active channel groups, images grouped by their
 actions, so the exported graphs save real time, not only counted FLOPs.
 """
 
 import contextlib
 import os
+import tempfile
 
 import keras
 import tensorflow as tf
@@ -285,6 +287,72 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
         onnx.save(model_proto, staging)
     return os.fspath(path)
 
+
+def export_litert(rnp, path, overwrite=True, forced_actions=False):
+    """Exports an RNPModel to LiteRT (TensorFlow Lite, a `.tflite` file).
+
+    Signatures as the SavedModel's: `serving_default` (input `images`
+    float32 `[N, H, W, C]`) and `serving_budget` (inputs `images` and
+    `budget` float32 `[N]` or `[1]`); outputs `logits`, `probabilities`,
+    `actions` (int32 `[N, L]`) and `flops` (float32 `[N]`). With
+    `forced_actions=True`, one signature `serving_actions` (inputs `images`
+    and `forced_actions` int32 `[N, L]`) instead, for benchmarks and
+    tests. Run it with `ai_edge_litert.interpreter.Interpreter` (XNNPACK
+    is on by default) through `get_signature_runner(name)`.
+
+    The graph is the ONNX export's (see `export_onnx`): each gated kernel
+    stored once as constant blocks, each block run on the images that need
+    it, no control flow, LiteRT's builtin operators only (no Flex
+    delegate). Like ONNX it cannot raise errors: a negative or non-finite
+    budget counts as 0 and forced actions are clipped. XNNPACK refuses an
+    empty batch. The write is atomic.
+
+    Args:
+        rnp: the `keras_rnp.RNPModel` (float32: under a mixed precision
+            policy, copy its weights into a float32 model first).
+        path: the `.tflite` file to write.
+        overwrite: replace an existing file.
+        forced_actions: export the `serving_actions` signature instead.
+
+    Returns:
+        `path`.
+    """
+    _check_model(rnp)
+    if rnp.compute_dtype != "float32":
+        raise ValueError(
+            "export_litert() writes float32 models. Build the model under "
+            "the float32 policy and copy the weights (rnp.get_weights()). "
+            f"Received: a model with dtype policy {rnp.dtype_policy.name}."
+        )
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(
+            "Expected a new file (or overwrite=True). Received: "
+            f"path={os.fspath(path)!r}, which exists."
+        )
+    names = ["serving_actions"] if forced_actions else list(LITERT_SIGNATURES)
+    signatures = _signatures(rnp, execution.SLICED_ONNX)
+    with tempfile.TemporaryDirectory() as saved_model:
+        # Through a SavedModel: the converter freezes its variables into
+        # constants (a concrete function would keep resource variables).
+        archive = keras.export.ExportArchive()
+        archive.track(rnp)
+        for name in names:
+            function, signature = signatures[name]
+            archive.add_endpoint(name, function, input_signature=signature)
+        archive.write_out(saved_model, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(
+            saved_model, signature_keys=names
+        )
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        flatbuffer = converter.convert()
+    with atomic_path(path, is_dir=False) as staging:
+        with open(staging, "wb") as f:
+            f.write(flatbuffer)
+    return os.fspath(path)
+
+
+# The signatures of a LiteRT export (without forced actions).
+LITERT_SIGNATURES = ("serving_default", "serving_budget")
 
 BUDGET_DOC = (
     "budget float32 [N] (one per image) or [1] (one for the batch): the "

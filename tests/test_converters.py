@@ -83,6 +83,21 @@ def test_keras_to_rnp_to_saved_model_and_onnx(cnn_file, tmp_path):
     logits = session.run(["logits"], {"images": x, "budget": budget})[0]
     np.testing.assert_allclose(logits, rnp.run(x)["logits"], atol=1e-4)
 
+    litert_file = tmp_path / "rnp.tflite"
+    result = convert(
+        "rnp_to_litert.py", f"--input={rnp_file}", f"--output={litert_file}"
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip().splitlines()) == 1, result.stdout
+    assert result.stderr.strip() == ""
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=str(litert_file)).get_signature_runner(
+        "serving_budget"
+    )
+    out = runner(images=x, budget=budget)
+    np.testing.assert_allclose(out["logits"], rnp.run(x)["logits"], atol=1e-4)
+
 
 @pytest.mark.parametrize(
     "script, flags, message",

@@ -259,6 +259,76 @@ def test_flatten_head_and_softmax_output_export(tmp_path):
     )
 
 
+@pytest.fixture(scope="module")
+def litert_file(rnp, tmp_path_factory):
+    path = tmp_path_factory.mktemp("litert") / "rnp.tflite"
+    keras_rnp.export_litert(rnp, path)
+    return path
+
+
+def litert_runner(path, signature):
+    from ai_edge_litert.interpreter import Interpreter
+
+    return Interpreter(model_path=str(path)).get_signature_runner(signature)
+
+
+@pytest.mark.parametrize("batch", [1, 9])
+def test_litert_matches_keras(rnp, images, litert_file, batch):
+    x = images[:batch]
+    expected = rnp.run(x)
+    out = litert_runner(litert_file, "serving_default")(images=x)
+    np.testing.assert_allclose(out["logits"], expected["logits"], atol=1e-4)
+    np.testing.assert_array_equal(out["actions"], expected["actions"])
+    np.testing.assert_allclose(out["flops"], expected["flops"], rtol=1e-6)
+    np.testing.assert_allclose(
+        out["probabilities"], tf.nn.softmax(expected["logits"]), atol=1e-5
+    )
+    budget = np.linspace(0, 2, batch).astype("float32")
+    expected = rnp.run(x, budget=budget)
+    out = litert_runner(litert_file, "serving_budget")(images=x, budget=budget)
+    np.testing.assert_array_equal(out["actions"], expected["actions"])
+    np.testing.assert_allclose(out["logits"], expected["logits"], atol=1e-4)
+
+
+def test_litert_signatures_forced_actions_and_builtin_ops(
+    rnp, images, litert_file, tmp_path
+):
+    from ai_edge_litert.interpreter import Interpreter
+
+    signatures = Interpreter(model_path=str(litert_file)).get_signature_list()
+    assert signatures == {
+        "serving_default": {
+            "inputs": ["images"],
+            "outputs": ["actions", "flops", "logits", "probabilities"],
+        },
+        "serving_budget": {
+            "inputs": ["budget", "images"],
+            "outputs": ["actions", "flops", "logits", "probabilities"],
+        },
+    }
+    path = keras_rnp.export_litert(
+        rnp, tmp_path / "forced.tflite", forced_actions=True
+    )
+    actions = np.random.default_rng(3).integers(1, 5, size=(9, 2))
+    actions = actions.astype("int32")
+    out = litert_runner(path, "serving_actions")(
+        images=images, forced_actions=actions
+    )
+    expected = rnp.run(images, actions=actions)
+    np.testing.assert_allclose(out["logits"], expected["logits"], atol=1e-4)
+    np.testing.assert_array_equal(out["actions"], actions)
+    # (The interpreter has no Flex delegate: these runs show that the file
+    # holds LiteRT's builtin operators only.)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        half = keras_rnp.wrap(helpers.small_cnn(), groups=4)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    with pytest.raises(ValueError, match="writes float32 models.*mixed_f"):
+        keras_rnp.export_litert(half, tmp_path / "half.tflite")
+    assert not os.path.exists(tmp_path / "half.tflite")
+
+
 def test_exports_refuse_bad_arguments_and_existing_targets(rnp, saved_model):
     with pytest.raises(ValueError, match="Expected a keras_rnp.RNPModel"):
         keras_rnp.export_saved_model(small_cnn(), "/tmp/never")

@@ -271,6 +271,16 @@ def test_exports_match_keras_with_mixed_actions(tmp_path):
                 out["logits"], want["logits"], rtol=1e-4, atol=1e-4
             )
             np.testing.assert_allclose(out["flops"], want["flops"], rtol=1e-6)
+    keras_rnp.export_litert(rnp, tmp_path / "rnp.tflite")
+    from ai_edge_litert.interpreter import Interpreter
+
+    litert = Interpreter(model_path=str(tmp_path / "rnp.tflite"))
+    got = litert.get_signature_runner("serving_budget")(images=x, budget=budget)
+    want = rnp.run(x, budget=budget)
+    np.testing.assert_array_equal(got["actions"], want["actions"])
+    np.testing.assert_allclose(
+        got["logits"], want["logits"], rtol=1e-4, atol=1e-4
+    )
     actions = random_actions(rnp, 9, seed=5)
     want = rnp.run(x, actions=actions)
     keras_rnp.export_onnx(rnp, tmp_path / "forced.onnx", forced_actions=True)

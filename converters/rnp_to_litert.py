@@ -1,0 +1,47 @@
+"""Exports an RNP model (.keras) to LiteRT (TensorFlow Lite).
+
+    python converters/rnp_to_litert.py --input=rnp.keras --output=rnp.tflite
+
+Signatures serving_default (images) and serving_budget (images, budget:
+float32 `[N]` or `[1]`; `[0.0]` is the learned policy); outputs logits,
+probabilities, actions and flops. Run it with
+`ai_edge_litert.interpreter.Interpreter(model_path=...)`.
+"""
+
+import common
+from absl import app
+from absl import flags
+
+import keras_rnp
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("input", None, "The RNP model (.keras).")
+flags.DEFINE_string("output", None, "The LiteRT file (.tflite) to write.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing output file.")
+flags.mark_flags_as_required(["input", "output"])
+
+
+def convert(input_path, output_path, overwrite=False, verbose=False):
+    common.check_input(input_path)
+    common.check_output(output_path, overwrite, suffix=".tflite")
+    with common.quiet(verbose):
+        rnp = common.load_model(input_path, want_rnp=True)
+        keras_rnp.export_litert(rnp, output_path)
+    print(
+        f"Wrote {output_path} (signatures serving_default: images, and "
+        "serving_budget: images, budget; outputs logits, probabilities, "
+        "actions, flops)."
+    )
+
+
+def main(argv):
+    del argv
+    common.run(
+        lambda: convert(
+            FLAGS.input, FLAGS.output, FLAGS.overwrite, FLAGS.verbose
+        )
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)
