@@ -199,6 +199,8 @@ def plan_residual(
         )
         if isinstance(after, _L.Conv2D) and nonlinear:
             planner.check_conv(conv, groups, gated_conv=True)
+            # It reads the gated channels: no feature groups, channels-last.
+            planner.check_conv(after, groups, gated_conv=False)
             return tail, after
         return None
 

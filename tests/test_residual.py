@@ -437,9 +437,19 @@ def _odd_inner_width():
     return keras.Model(inputs, L.Dense(2)(x))
 
 
+def _grouped_writer():
+    inputs = keras.Input((8, 8, 4))
+    x = L.Conv2D(8, 3, padding="same")(inputs)
+    y = L.ReLU()(L.Conv2D(8, 3, padding="same")(x))
+    y = L.Conv2D(8, 3, padding="same", groups=2, name="grouped")(y)
+    x = L.GlobalAveragePooling2D()(L.Add()([x, y]))
+    return keras.Model(inputs, L.Dense(2)(x))
+
+
 @pytest.mark.parametrize(
     "make_model, pattern",
     [
+        (_grouped_writer, "'grouped' \\(Conv2D\\): groups=2"),
         (
             _two_blocks_sharing_an_inner_tensor,
             "'add_1' \\(Add\\): its inputs do not split from one tensor.*"
