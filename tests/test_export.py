@@ -86,25 +86,35 @@ def test_saved_model_cli_lists_both_signatures(saved_model):
     assert "signature_def['serving_budget']" in shown
 
 
-@pytest.mark.parametrize("batch", [1, 9])
-def test_saved_model_matches_keras(rnp, images, saved_model, batch):
-    loaded = tf.saved_model.load(saved_model[1])
-    x = images[:batch]
+def check_matches_keras(rnp, x, default, budgeted):
+    """An export's `default(images)` and `budgeted(images, budget)` give
+    Keras' logits, actions, FLOPs and probabilities."""
     expected = rnp.run(x)
-    out = loaded.signatures["serving_default"](images=tf.constant(x))
+    out = default(x)
     np.testing.assert_allclose(out["logits"], expected["logits"], atol=1e-4)
     np.testing.assert_array_equal(out["actions"], expected["actions"])
     np.testing.assert_allclose(out["flops"], expected["flops"], rtol=1e-6)
     np.testing.assert_allclose(
         out["probabilities"], tf.nn.softmax(expected["logits"]), atol=1e-5
     )
-    budget = np.linspace(0, 2, batch).astype("float32")
+    budget = np.linspace(0, 2, len(x)).astype("float32")
     expected = rnp.run(x, budget=budget)
-    out = loaded.signatures["serving_budget"](
-        images=tf.constant(x), budget=tf.constant(budget)
-    )
+    out = budgeted(x, budget)
     np.testing.assert_array_equal(out["actions"], expected["actions"])
     np.testing.assert_allclose(out["logits"], expected["logits"], atol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [1, 9])
+def test_saved_model_matches_keras(rnp, images, saved_model, batch):
+    signatures = tf.saved_model.load(saved_model[1]).signatures
+    check_matches_keras(
+        rnp,
+        images[:batch],
+        lambda x: signatures["serving_default"](images=tf.constant(x)),
+        lambda x, budget: signatures["serving_budget"](
+            images=tf.constant(x), budget=tf.constant(budget)
+        ),
+    )
 
 
 def test_saved_model_empty_batch(saved_model):
@@ -274,20 +284,14 @@ def litert_runner(path, signature):
 
 @pytest.mark.parametrize("batch", [1, 9])
 def test_litert_matches_keras(rnp, images, litert_file, batch):
-    x = images[:batch]
-    expected = rnp.run(x)
-    out = litert_runner(litert_file, "serving_default")(images=x)
-    np.testing.assert_allclose(out["logits"], expected["logits"], atol=1e-4)
-    np.testing.assert_array_equal(out["actions"], expected["actions"])
-    np.testing.assert_allclose(out["flops"], expected["flops"], rtol=1e-6)
-    np.testing.assert_allclose(
-        out["probabilities"], tf.nn.softmax(expected["logits"]), atol=1e-5
+    default = litert_runner(litert_file, "serving_default")
+    budgeted = litert_runner(litert_file, "serving_budget")
+    check_matches_keras(
+        rnp,
+        images[:batch],
+        lambda x: default(images=x),
+        lambda x, budget: budgeted(images=x, budget=budget),
     )
-    budget = np.linspace(0, 2, batch).astype("float32")
-    expected = rnp.run(x, budget=budget)
-    out = litert_runner(litert_file, "serving_budget")(images=x, budget=budget)
-    np.testing.assert_array_equal(out["actions"], expected["actions"])
-    np.testing.assert_allclose(out["logits"], expected["logits"], atol=1e-4)
 
 
 def test_litert_signatures_forced_actions_and_builtin_ops(
