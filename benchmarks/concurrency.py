@@ -40,6 +40,11 @@ flags.DEFINE_string(
     "output", "benchmarks/results/concurrency.json", "Where to write JSON."
 )
 flags.DEFINE_integer("seed", 0, "Seed of the weights and the requests.")
+flags.DEFINE_bool(
+    "onnx_arena",
+    True,
+    "onnxruntime's CPU memory arena (SessionOptions.enable_cpu_mem_arena).",
+)
 
 
 def make_requests(rnp, count, max_batch, seed):
@@ -89,6 +94,7 @@ def onnx_callers(rnp, backbone, workdir):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = FLAGS.onnx_arena
     sessions = {}
     for key, forced in (("budget", False), ("forced_actions", True)):
         path = os.path.join(workdir, f"rnp_{key}.onnx")
@@ -166,7 +172,17 @@ def mismatches(answers, reference):
     return wrong
 
 
-def measure(runtime, callers, requests, threads, per_thread):
+def flops_ratio(answers, requests, full_flops):
+    """Mean FLOPs per image of the answers over `full_flops` (None for the
+    plain model, whose answers carry no FLOPs)."""
+    if "flops" not in answers[0]:
+        return None
+    total = sum(float(np.sum(answer["flops"])) for answer in answers)
+    images = sum(len(request["images"]) for request in requests)
+    return total / images / full_flops
+
+
+def measure(runtime, callers, requests, threads, per_thread, full_flops):
     call_rnp, call_plain, _keep = callers
     row = {"runtime": runtime, "threads": threads, "requests": per_thread}
     for name, call in (("rnp", call_rnp), ("plain", call_plain)):
@@ -182,6 +198,8 @@ def measure(runtime, callers, requests, threads, per_thread):
         images = sum(len(requests[i]["images"]) for i, _ in answers)
         row[name] = {
             "mismatches": mismatches(answers, reference),
+            # Mean FLOPs executed per image over the full network's (RNP).
+            "flops_ratio": flops_ratio(reference, requests, full_flops),
             "answers": len(answers),
             "p50_ms": float(np.percentile(latencies, 50) * 1e3),
             "p99_ms": float(np.percentile(latencies, 99) * 1e3),
@@ -191,6 +209,21 @@ def measure(runtime, callers, requests, threads, per_thread):
             "rss_growth": (after - before) / before,
         }
     return row
+
+
+FLAG_NAMES = (
+    "threads",
+    "requests",
+    "max_batch",
+    "seed",
+    "runtimes",
+    "onnx_arena",
+)
+
+
+def flag_text(name):
+    value = FLAGS[name].value
+    return ",".join(value) if isinstance(value, list) else value
 
 
 def main(argv):
@@ -215,7 +248,12 @@ def main(argv):
             makers = {"saved_model": saved_model_callers, "onnx": onnx_callers}
             callers = makers[runtime](rnp, backbone, workdir)
             row = measure(
-                runtime, callers, requests, FLAGS.threads, FLAGS.requests
+                runtime,
+                callers,
+                requests,
+                FLAGS.threads,
+                FLAGS.requests,
+                rnp.full_flops,
             )
             rows.append(row)
             for name in ("rnp", "plain"):
@@ -236,10 +274,7 @@ def main(argv):
             "tensorflow": tf.__version__,
         },
         "command": "python benchmarks/concurrency.py "
-        + " ".join(
-            f"--{name}={FLAGS[name].value}"
-            for name in ("threads", "requests", "max_batch", "seed")
-        ),
+        + " ".join(f"--{name}={flag_text(name)}" for name in FLAG_NAMES),
         "rows": rows,
     }
     io_utils.write_json(FLAGS.output, result)
