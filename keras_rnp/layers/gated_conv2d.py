@@ -357,7 +357,6 @@ class GatedConv2D(keras.layers.Layer):
         outputs = []
         for o in range(outputs_count):
             columns = slice(o * group_out, (o + 1) * group_out)
-            width_out = group_out
             needed = action > o if self.out_gated else action > 0
             # Summed in float32: onnxruntime's CPU ScatterND cannot add
             # float16 (mixed precision).
@@ -394,7 +393,7 @@ class GatedConv2D(keras.layers.Layer):
                 # With oneDNN, a convolution on an empty batch (no image
                 # needs the block) returns the wrong shape: pin it.
                 y = tf.reshape(
-                    tf.cast(y, tf.float32), [-1, *shape[1:3], width_out]
+                    tf.cast(y, tf.float32), [-1, *shape[1:3], group_out]
                 )
                 total = tf.tensor_scatter_nd_add(total, rows, y)
             y = tf.cast(total, x.dtype)
