@@ -180,6 +180,7 @@ def test_supernet_warmup_with_width_aware_statistics(tmp_path):
         assert norm.moving_mean.shape == warm_norm.moving_mean.shape
 
 
+@pytest.mark.slow  # 80 s; the residual pieces have fast tests of their own.
 def test_resnet20_runs_every_training_step_on_inner_widths(tmp_path):
     data_dir = make_image_folder(tmp_path / "data", classes=3, train=12)
     work_dir = tmp_path / "work"

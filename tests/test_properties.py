@@ -237,7 +237,7 @@ def residual_cnns(draw):
     return build, groups, spec
 
 
-@settings(max_examples=10, **SETTINGS)
+@settings(max_examples=6, **SETTINGS)
 @given(net=residual_cnns(), data=st.data())
 def test_random_residual_networks_are_exact_and_sliced_equals_masked(net, data):
     build, groups, _ = net
