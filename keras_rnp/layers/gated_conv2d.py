@@ -180,10 +180,7 @@ class GatedConv2D(keras.layers.Layer):
         return previous_action / self.groups
 
     def channel_mask(self, action):
-        """A `[B, 1, 1, C]` float mask keeping the first `action` groups
-        (every channel if the output is not gated)."""
-        if not self.out_gated:
-            return tf.ones([tf.shape(action)[0], 1, 1, self.out_channels])
+        """A `[B, 1, 1, C]` float mask keeping the first `action` groups."""
         group_size = self.out_channels // self.groups
         mask = tf.sequence_mask(
             tf.cast(action, tf.int32) * group_size,
