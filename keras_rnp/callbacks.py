@@ -16,6 +16,7 @@ import warnings
 
 import keras
 
+from keras_rnp import distribute
 from keras_rnp import io_utils
 
 _BACKUP = re.compile(r"^backup-(\d{6})-(\d{9})$")
@@ -35,6 +36,11 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     When it is not the newest, or none can be read, a one-line warning
     says so and training resumes from the older backup or starts over;
     `fit` never stops on a damaged backup.
+
+    Under `MultiWorkerMirroredStrategy` every worker keeps its own backups,
+    in `backup_dir/<task_type>-<task_id>`, and the workers resume together
+    from the newest epoch all of them hold (all start over when there is
+    none), with a warning when their newest backups differ.
 
     Args:
         backup_dir: where the backups go (created if needed).
@@ -63,6 +69,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             )
         self.keep = keep
         self._steps = 0
+        self._worker = None
 
     def backups(self):
         """The complete backups in `backup_dir`, newest first."""
@@ -92,9 +99,11 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         ]
         for optimizer in optimizers:  # Their variables must exist to load.
             optimizer.build(self.model.trainable_variables)
-        backups = self.backups()
-        if not backups:
-            return
+        worker = distribute.worker_name(self.model.distribute_strategy)
+        if worker is not None and self._worker is None:
+            # Every worker keeps its own backups.
+            self._worker = worker
+            self.backup_dir = os.path.join(self.backup_dir, worker)
         variables = list(self.model.weights)
         for optimizer in (
             getattr(self.model, "optimizer", None),
@@ -103,6 +112,42 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             if optimizer is not None:
                 variables += list(optimizer.variables)
         initial = [variable.numpy() for variable in variables]
+        epoch = self._restore(variables, initial)
+        if worker is None:
+            return
+        # The workers resume together: from the newest epoch all of them
+        # hold (the newest backup of one may be a killed write on another),
+        # or all from the start.
+        strategy = self.model.distribute_strategy
+        epochs = distribute.gather(epoch, strategy)
+        if len(set(epochs)) > 1:
+            epoch = self._restore(variables, initial, max_epoch=min(epochs))
+            epochs = distribute.gather(epoch, strategy)
+            if len(set(epochs)) > 1:
+                self._reset(variables, initial)
+                epochs = [0]
+            warnings.warn(
+                f"BackupAndRestore: the workers' newest backups differ; all "
+                f"resume from epoch {epochs[0]}.",
+                stacklevel=2,
+            )
+
+    def _reset(self, variables, initial):
+        for variable, value in zip(variables, initial, strict=True):
+            variable.assign(value)
+        self.model._initial_epoch = 0
+        self._steps = 0
+
+    def _restore(self, variables, initial, max_epoch=None):
+        """Loads the newest readable backup (of epoch at most `max_epoch`);
+        returns its epoch, or 0 when training starts over."""
+        backups = self.backups()
+        if max_epoch is not None:
+            backups = [p for p in backups if _epoch_of(p) <= max_epoch]
+        if not backups:
+            if max_epoch is not None:
+                self._reset(variables, initial)
+            return 0
         failures = []
         for path in backups:
             try:
@@ -117,8 +162,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                     f"{reason[:120]})"
                 )
                 # A half-read file may have set some variables.
-                for variable, value in zip(variables, initial, strict=True):
-                    variable.assign(value)
+                self._reset(variables, initial)
                 continue
             self.model._initial_epoch = epoch  # Read by Keras' fit.
             self._steps = int(state.get("steps", 0))
@@ -127,14 +171,15 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                     f"BackupAndRestore: could not read {failures[0]}; "
                     f"resuming from the previous backup, "
                     f"{os.path.basename(path)} (epoch {epoch}).",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
-            return
+            return epoch
         warnings.warn(
             f"BackupAndRestore: no backup in {self.backup_dir} could be read "
             f"({'; '.join(failures)}); training starts over.",
-            stacklevel=2,
+            stacklevel=3,
         )
+        return 0
 
     def on_train_batch_end(self, batch, logs=None):
         self._steps += 1
@@ -167,3 +212,12 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     def on_train_end(self, logs=None):
         if self.delete_checkpoint and os.path.isdir(self.backup_dir):
             shutil.rmtree(self.backup_dir)
+            if self._worker is not None:  # The workers' shared parent.
+                try:
+                    os.rmdir(os.path.dirname(self.backup_dir))
+                except OSError:  # Another worker's backups are still there.
+                    pass
+
+
+def _epoch_of(path):
+    return int(_BACKUP.match(os.path.basename(path)).group(1))

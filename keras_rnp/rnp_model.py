@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_rnp import distribute
 from keras_rnp import execution
 from keras_rnp import flops as flops_lib
 from keras_rnp import io_utils
@@ -30,7 +31,7 @@ _RUN_FUNCTIONS = weakref.WeakKeyDictionary()
 
 
 @keras.saving.register_keras_serializable(package="keras_rnp")
-class RNPModel(RNPTrainer, keras.Model):
+class RNPModel(RNPTrainer, distribute.MultiWorkerFit, keras.Model):
     """A CNN whose gated convolutions compute only the channel groups that a
     recurrent decision network chooses, image by image (Runtime Neural
     Pruning, Lin et al., NeurIPS 2017).

@@ -13,6 +13,7 @@ import warnings
 import keras
 import tensorflow as tf
 
+from keras_rnp import distribute
 from keras_rnp import execution
 from keras_rnp import q_learning
 from keras_rnp.policy import linearly_decaying_epsilon
@@ -145,29 +146,14 @@ class RNPTrainer:
         does not allow inside a `tf.cond` (even with one replica); without
         a strategy the phase is picked inside the graph instead.
         """
-        replicas = self.distribute_strategy.num_replicas_in_sync
         if not self._distributed() or (
             self.train_function is not None and not force
         ):
             return super().make_train_function(force)
-        if self.steps_per_execution > 1:
-            raise ValueError(
-                "RNPModel trains with steps_per_execution=1 under a "
-                f"distribution strategy ({replicas} replicas). Received: "
-                f"steps_per_execution={self.steps_per_execution}."
-            )
-        # Keras' own per-step wrapper (strategy.run and the reduction of
-        # the replicas' results), given each phase's step function: a
-        # private method of Keras' TensorFlow trainer.
-        if not hasattr(self, "_make_function"):
-            raise RuntimeError(
-                "RNPModel under a distribution strategy needs a Keras whose "
-                "TensorFlow trainer has _make_function (Keras 3.15 has). "
-                f"Received: keras {keras.__version__}; upgrade it."
-            )
+        self._check_one_step_per_execution()
         functions = {
-            phase: self._make_function(
-                functools.partial(self._train_step, phase=phase)
+            phase: distribute.step_function(
+                self, functools.partial(self._train_step, phase=phase)
             )
             for phase in PHASES
         }

@@ -171,3 +171,51 @@ def run_json_script(name, timeout=600):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout)
+
+
+def free_ports(count):
+    """`count` TCP ports free on localhost now."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def run_workers(command, count=2, env=None, timeout=300):
+    """Starts `command(index, ports)` (an argument list) for each of
+    `count` workers of a localhost cluster at once; waits for all of them.
+    Returns their `subprocess.CompletedProcess`-like results in task order
+    (a worker still running `timeout` seconds after the others ended is
+    killed)."""
+    ports = ",".join(map(str, free_ports(count)))
+    environ = {**os.environ, "PYTHONPATH": os.path.dirname(HERE)}
+    processes = [
+        subprocess.Popen(
+            command(index, ports),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=HERE,
+            env={**environ, **((env or {}).get(index, {}))},
+        )
+        for index in range(count)
+    ]
+    results = []
+    for process in processes:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
+        results.append(
+            subprocess.CompletedProcess(
+                process.args, process.returncode, out, err
+            )
+        )
+    return results

@@ -1,0 +1,75 @@
+"""One worker of a two-worker MultiWorkerMirroredStrategy run on localhost,
+or the same training in one process; prints the results as JSON. Run by
+test_distributed.py.
+
+    multi_worker_run.py parity (single | <index> <port0>,<port1>)
+    multi_worker_run.py resume <backup_dir> (single | <index> <ports>)
+
+`resume` trains 4 epochs with `keras_rnp.callbacks.BackupAndRestore`; with
+KILL_AT=<epoch>,<batch> in the environment the process SIGKILLs itself
+when that batch of that epoch begins.
+"""
+
+import json
+import os
+import signal
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+MODE = sys.argv[1]
+BACKUP_DIR = sys.argv[2] if MODE == "resume" else None
+TASK = sys.argv[3:] if MODE == "resume" else sys.argv[2:]
+if TASK[0] != "single":
+    os.environ["TF_CONFIG"] = json.dumps(
+        {
+            "cluster": {
+                "worker": [f"127.0.0.1:{port}" for port in TASK[1].split(",")]
+            },
+            "task": {"type": "worker", "index": int(TASK[0])},
+        }
+    )
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from distributed_training import train_plain  # noqa: E402
+from distributed_training import train_rnp  # noqa: E402
+
+import keras_rnp  # noqa: E402
+
+
+class KillAt(keras.callbacks.Callback):
+    def __init__(self, epoch, batch):
+        super().__init__()
+        self.at, self.epoch = (epoch, batch), None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main():
+    if TASK[0] == "single":
+        strategy = tf.distribute.get_strategy()
+    else:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    if MODE == "parity":
+        _, rnp = train_rnp(strategy, validation=True)
+        plain = train_plain(strategy)
+        json.dump({"rnp": rnp, "plain": plain}, sys.stdout)
+        return
+    callbacks = [
+        keras_rnp.callbacks.BackupAndRestore(
+            BACKUP_DIR, delete_checkpoint=False
+        )
+    ]
+    if os.environ.get("KILL_AT"):
+        callbacks.append(KillAt(*map(int, os.environ["KILL_AT"].split(","))))
+    _, rnp = train_rnp(strategy, epochs=4, callbacks=callbacks)
+    json.dump(rnp, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Two workers of MultiWorkerMirroredStrategy on localhost (CPU, collective
+ops over the loopback) train as one process does, resume after one of them
+is killed, and only the chief writes."""
+
+import json
+import os
+import shutil
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import run_workers
+
+from keras_rnp import distribute
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "multi_worker_run.py")
+
+
+def _single(*args):
+    [result] = run_workers(lambda i, p: [sys.executable, SCRIPT, *args], 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def _two_workers(*args, env=None):
+    return run_workers(
+        lambda index, ports: [sys.executable, SCRIPT, *args, str(index), ports],
+        env=env,
+    )
+
+
+def _assert_same_training(a, b):
+    for key in ("step_counter", "decision_step_counter", "iterations"):
+        assert a.get(key) == b.get(key), key
+    if "loss_ema" in a:
+        np.testing.assert_allclose(a["loss_ema"], b["loss_ema"], rtol=1e-5)
+    assert len(a["weights"]) == len(b["weights"])
+    for x, y in zip(a["weights"], b["weights"], strict=True):
+        np.testing.assert_allclose(np.array(x), np.array(y), atol=1e-5)
+    assert set(a["history"]) == set(b["history"])
+    for key, values in a["history"].items():
+        np.testing.assert_allclose(
+            b["history"][key], values, rtol=1e-4, err_msg=key
+        )
+
+
+def test_two_workers_train_as_one_process():
+    workers = _two_workers("parity")
+    for worker in workers:
+        assert worker.returncode == 0, worker.stderr[-3000:]
+    first, second = (json.loads(w.stdout) for w in workers)
+    one = _single("parity", "single")
+    assert first["rnp"]["replicas"] == 2 and one["rnp"]["replicas"] == 1
+    # 3 epochs of 4 global batches of 16 (8 per worker), rounds of 2
+    # decision and 2 backbone steps; validation every epoch.
+    assert one["rnp"]["step_counter"] == 12
+    assert one["rnp"]["decision_step_counter"] == 6
+    assert one["plain"]["iterations"] == 8
+    for part in ("rnp", "plain"):
+        _assert_same_training(first[part], one[part])
+        _assert_same_training(second[part], one[part])
+        assert "val_loss" in one[part]["history"]
+    # Training moved the weights: the comparison is not of two no-ops.
+    assert one["rnp"]["history"]["q_loss"][0] != one["rnp"]["history"]["q_loss"][-1]
+
+
+@pytest.mark.slow  # 90 s: three two-worker runs.
+def test_a_killed_worker_resumes_with_the_others(tmp_path):
+    backups = str(tmp_path / "backup")
+    reference = _single("resume", str(tmp_path / "reference"), "single")
+    # Worker 1 is killed as the second batch of its third epoch begins;
+    # worker 0 then stops with an error (its peer stopped sending
+    # heartbeats).
+    killed = _two_workers("resume", backups, env={1: {"KILL_AT": "2,1"}})
+    assert killed[1].returncode == -9
+    assert killed[0].returncode != 0
+    assert "unhealthy" in killed[0].stderr
+    for worker in ("worker-0", "worker-1"):
+        names = sorted(os.listdir(os.path.join(backups, worker)))
+        assert names == ["backup-000001-000000004", "backup-000002-000000008"]
+    # The same commands again: both resume at epoch 2 and end as one
+    # uninterrupted process does.
+    resumed = _two_workers("resume", backups)
+    for worker in resumed:
+        assert worker.returncode == 0, worker.stderr[-3000:]
+        result = json.loads(worker.stdout)
+        assert len(result["history"]["loss"]) == 2  # epochs 3 and 4
+        reference_tail = {
+            key: values[2:] for key, values in reference["history"].items()
+        }
+        _assert_same_training(result, {**reference, "history": reference_tail})
+
+
+@pytest.mark.slow  # 60 s
+def test_workers_whose_newest_backups_differ_resume_together(tmp_path):
+    backups = str(tmp_path / "backup")
+    reference = _single("resume", str(tmp_path / "reference"), "single")
+    killed = _two_workers("resume", backups, env={1: {"KILL_AT": "2,1"}})
+    assert killed[1].returncode == -9
+    # A kill inside worker 1's last backup write: it holds epoch 1 only.
+    shutil.rmtree(os.path.join(backups, "worker-1", "backup-000002-000000008"))
+    resumed = _two_workers("resume", backups)
+    for worker in resumed:
+        assert worker.returncode == 0, worker.stderr[-3000:]
+        assert "all resume from epoch 1" in worker.stderr
+        result = json.loads(worker.stdout)
+        assert len(result["history"]["loss"]) == 3  # epochs 2 to 4
+        _assert_same_training(
+            result,
+            {
+                **reference,
+                "history": {k: v[1:] for k, v in reference["history"].items()},
+            },
+        )
+
+
+class _Strategy:
+    """What `distribute` reads of a strategy: its cluster resolver."""
+
+    def __init__(self, cluster, task_type, task_id):
+        self.cluster_resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+            tf.train.ClusterSpec(cluster), task_type=task_type, task_id=task_id
+        )
+
+
+def test_only_the_chief_writes_where_the_chief_does(tmp_path):
+    workers = {"worker": ["localhost:1", "localhost:2"]}
+    with_chief = {"chief": ["localhost:0"], **workers}
+    path = str(tmp_path / "models")
+    cases = [
+        (tf.distribute.get_strategy(), True, None),
+        (_Strategy(workers, "worker", 0), True, "worker-0"),
+        (_Strategy(workers, "worker", 1), False, "worker-1"),
+        (_Strategy(with_chief, "chief", 0), True, "chief-0"),
+        (_Strategy(with_chief, "worker", 0), False, "worker-0"),
+    ]
+    for strategy, chief, name in cases:
+        assert distribute.is_chief(strategy) is chief
+        assert distribute.worker_name(strategy) == name
+        directory = distribute.worker_dir(path, strategy)
+        assert (directory == path) is chief
+        if not chief:
+            assert name in directory and not directory.startswith(path)
+            os.makedirs(directory)
+            distribute.remove_worker_dir(path, strategy)
+            assert not os.path.exists(directory)
+    # Outside a cluster the collective helpers are local.
+    assert distribute.gather(3) == [3]
+    distribute.barrier()
+
+
+def test_multi_worker_model_refuses_what_it_cannot_view():
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.dense(x)
+
+    with pytest.raises(ValueError, match="expects a built functional"):
+        distribute.multi_worker_model("model")
+    subclassed = Subclassed()
+    with pytest.raises(ValueError, match="expects a built functional"):
+        distribute.multi_worker_model(subclassed)
+    subclassed(np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="`MultiWorkerFit` mixin"):
+        distribute.multi_worker_model(subclassed)
+
+
+def test_multi_worker_model_shares_the_weights():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    view = distribute.multi_worker_model(model)
+    view.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    x, y = np.ones((4, 3), "float32"), np.zeros((4, 2), "float32")
+    before = model.predict(x, verbose=0)
+    view.fit(x, y, epochs=1, verbose=0)
+    after = model.predict(x, verbose=0)
+    np.testing.assert_allclose(view.predict(x, verbose=0), after)
+    assert not np.allclose(before, after)
