@@ -53,6 +53,7 @@ import tensorflow as tf  # noqa: E402
 import keras_rnp  # noqa: E402
 from keras_rnp import backbones  # noqa: E402
 from keras_rnp import datasets  # noqa: E402
+from keras_rnp import distribute  # noqa: E402
 from keras_rnp import evaluation  # noqa: E402
 from keras_rnp import io_utils  # noqa: E402
 from keras_rnp.policy import epsilon_decay_steps_for  # noqa: E402
@@ -224,7 +225,17 @@ class Config:
     )
 
     def path(self, *names):
+        """Where the files of the run are (and are read from)."""
         return os.path.join(self.work_dir, *names)
+
+    def output(self, *names):
+        """Where this process writes: `path(*names)` on the chief; on the
+        other workers of a multi-worker run, a temporary directory removed
+        when the run ends (only the chief writes models, logs and
+        results)."""
+        return os.path.join(
+            distribute.worker_dir(self.work_dir, self.strategy()), *names
+        )
 
     def strategy(self):
         """The tf.distribute strategy (created once)."""
@@ -342,8 +353,17 @@ def _loss():
 def _callbacks(config, name):
     return [
         keras_rnp.callbacks.BackupAndRestore(config.path("backup", name)),
-        keras.callbacks.TensorBoard(config.path("logs", name)),
+        keras.callbacks.TensorBoard(config.output("logs", name)),
     ]
+
+
+def _trainable(config, model):
+    """The model to compile and fit: `model`, or under a strategy a view
+    of it whose fit works on several workers, and on a first batch that
+    splits unevenly among replicas (see `keras_rnp.distribute`)."""
+    if config.distribution == "default":
+        return model
+    return distribute.multi_worker_model(model)
 
 
 def train_backbone(config):
@@ -358,7 +378,8 @@ def train_backbone(config):
             model = backbones.resnet20(classes, config.widths)
         else:
             model = backbones.cifar_cnn(classes, config.widths)
-        model.compile(
+        trainable = _trainable(config, model)
+        trainable.compile(
             optimizer=keras.optimizers.SGD(
                 keras.optimizers.schedules.CosineDecay(
                     config.backbone_lr, max(1, steps)
@@ -370,14 +391,14 @@ def train_backbone(config):
             loss=_loss(),
             metrics=["accuracy"],
         )
-    model.fit(
+    trainable.fit(
         train,
         epochs=config.backbone_epochs,
         validation_data=val,
         callbacks=_callbacks(config, "backbone"),
         verbose=config.verbose,
     )
-    io_utils.save_model(model, config.path("backbone.keras"))
+    io_utils.save_model(model, config.output("backbone.keras"))
     return model
 
 
@@ -499,10 +520,10 @@ def _rnp_start(config, train):
         verbose=config.verbose,
     )
     if config.width_aware_bn:
-        rnp.save(config.path(name))
+        rnp.save(config.output(name))
         return rnp
     backbone = keras_rnp.strip(rnp)
-    io_utils.save_model(backbone, config.path(name))
+    io_utils.save_model(backbone, config.output(name))
     return backbone
 
 
@@ -567,7 +588,7 @@ def train_rnp(config):
             callbacks=_callbacks(config, name),
             verbose=config.verbose,
         )
-        rnp.save(config.path(f"{name}.keras"))
+        rnp.save(config.output(f"{name}.keras"))
 
 
 def static_name(speedup):
@@ -598,12 +619,13 @@ def train_static(config):
             flush=True,
         )
         with config.strategy().scope():
-            model.compile(
+            trainable = _trainable(config, model)
+            trainable.compile(
                 optimizer=_finetune_optimizer(config, updates),
                 loss=_loss(),
                 metrics=["accuracy"],
             )
-        model.fit(
+        trainable.fit(
             train.repeat(),
             epochs=epochs,
             steps_per_epoch=-(-updates // epochs),
@@ -611,7 +633,7 @@ def train_static(config):
             callbacks=_callbacks(config, name),
             verbose=config.verbose,
         )
-        io_utils.save_model(model, config.path(f"{name}.keras"))
+        io_utils.save_model(model, config.output(f"{name}.keras"))
 
 
 def _predict(model, test):
@@ -679,7 +701,8 @@ def evaluate(config):
             per_image["full_losses"] = losses
     for speedup in config.static_speedups:
         model = _load(config.path(f"{static_name(speedup)}.keras"), "model")
-        accuracy = model.evaluate(test, verbose=0, return_dict=True)["accuracy"]
+        _, _, static_predictions = _predict(model, test)
+        accuracy = float(np.mean(static_predictions == labels))
         flops = keras_rnp.count_flops(model)
         results["static"].append(
             {
@@ -853,13 +876,21 @@ def run(config):
     """Runs `config.steps` in order; returns the evaluation results (or
     None when `evaluate` is not among them)."""
     results = None
+    chief = distribute.is_chief(config.strategy())
     for step in config.steps:
         start = time.time()
+        if step in ("evaluate", "plots") and not chief:
+            print(f"== {step}: the chief's ==", flush=True)
+            continue
         print(f"== {step} ==", flush=True)
         out = RUNNERS[step](config)
         if step == "evaluate":
             results = out
+        if step not in ("evaluate", "plots"):
+            # The other workers read what the chief wrote in the next step.
+            distribute.barrier(config.strategy())
         print(f"== {step}: {time.time() - start:.0f} s ==", flush=True)
+    distribute.remove_worker_dir(config.work_dir, config.strategy())
     return results
 
 

@@ -110,10 +110,16 @@ def _fit_size(image, size):
 
 
 def _augment(image, padding, seed):
+    """A random crop after zero padding and a random horizontal flip,
+    drawn from the image's own `seed` (shape [2]): the same image gets the
+    same draws whatever thread of a parallel map handles it."""
     size = image.shape[0]
     image = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
-    image = tf.image.random_crop(image, (size, size, 3), seed=seed)
-    return tf.image.random_flip_left_right(image, seed=seed)
+    crop, flip = tf.unstack(
+        tf.random.experimental.stateless_split(seed, num=2)
+    )
+    image = tf.image.stateless_random_crop(image, (size, size, 3), seed=crop)
+    return tf.image.stateless_random_flip_left_right(image, seed=flip)
 
 
 def pipeline(
@@ -160,8 +166,13 @@ def pipeline(
         ds = ds.shuffle(
             shuffle_buffer, seed=seed, reshuffle_each_iteration=True
         )
-        ds = ds.map(
-            lambda x, y: (_augment(x, padding, seed), y),
+        # One seed per image and epoch, drawn in order: the augmentation
+        # is the same on every run (and on every worker) for one `seed`.
+        seeds = tf.data.Dataset.random(
+            seed=seed, rerandomize_each_iteration=True
+        ).batch(2)
+        ds = tf.data.Dataset.zip(ds, seeds).map(
+            lambda xy, s: (_augment(xy[0], padding, s), xy[1]),
             num_parallel_calls=calls,
         )
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)

@@ -12,6 +12,10 @@ Keras' TensorFlow trainer:
 2. Every step's logs are reduced with `strategy.reduce("MEAN", v, axis=0)`,
    which fails on a scalar log ("Invalid reduction dimension 0").
 
+The first also breaks `MirroredStrategy` when the first batch does not
+split evenly among the replicas (a validation set of 5 images on 2
+replicas: "Inputs to operation AddN ... must have the same size").
+
 `MultiWorkerFit` mends both in a model class, without touching Keras: it
 builds from the first replica's share of the batch (only shapes and dtypes
 matter there), and runs each train or test step through `strategy.run`,

@@ -187,12 +187,26 @@ def free_ports(count):
             s.close()
 
 
+def tf_config(index, ports):
+    """TF_CONFIG of worker `index` of a localhost cluster on `ports`
+    (comma-separated)."""
+    return json.dumps(
+        {
+            "cluster": {
+                "worker": [f"127.0.0.1:{port}" for port in ports.split(",")]
+            },
+            "task": {"type": "worker", "index": index},
+        }
+    )
+
+
 def run_workers(command, count=2, env=None, timeout=300):
     """Starts `command(index, ports)` (an argument list) for each of
-    `count` workers of a localhost cluster at once; waits for all of them.
-    Returns their `subprocess.CompletedProcess`-like results in task order
-    (a worker still running `timeout` seconds after the others ended is
-    killed)."""
+    `count` workers of a localhost cluster at once, with the environment
+    variables `env(index, ports)` (a dict) added; waits for all of them.
+    Returns their `subprocess.CompletedProcess` results (with the `pid`
+    each ran as) in task order; a worker still running after `timeout`
+    seconds is killed."""
     ports = ",".join(map(str, free_ports(count)))
     environ = {**os.environ, "PYTHONPATH": os.path.dirname(HERE)}
     processes = [
@@ -202,7 +216,7 @@ def run_workers(command, count=2, env=None, timeout=300):
             stderr=subprocess.PIPE,
             text=True,
             cwd=HERE,
-            env={**environ, **((env or {}).get(index, {}))},
+            env={**environ, **(env(index, ports) if env else {})},
         )
         for index in range(count)
     ]
@@ -213,9 +227,9 @@ def run_workers(command, count=2, env=None, timeout=300):
         except subprocess.TimeoutExpired:
             process.kill()
             out, err = process.communicate()
-        results.append(
-            subprocess.CompletedProcess(
-                process.args, process.returncode, out, err
-            )
+        result = subprocess.CompletedProcess(
+            process.args, process.returncode, out, err
         )
+        result.pid = process.pid
+        results.append(result)
     return results

@@ -20,14 +20,9 @@ MODE = sys.argv[1]
 BACKUP_DIR = sys.argv[2] if MODE == "resume" else None
 TASK = sys.argv[3:] if MODE == "resume" else sys.argv[2:]
 if TASK[0] != "single":
-    os.environ["TF_CONFIG"] = json.dumps(
-        {
-            "cluster": {
-                "worker": [f"127.0.0.1:{port}" for port in TASK[1].split(",")]
-            },
-            "task": {"type": "worker", "index": int(TASK[0])},
-        }
-    )
+    from helpers import tf_config
+
+    os.environ["TF_CONFIG"] = tf_config(int(TASK[0]), TASK[1])
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import run_workers
+from helpers import tf_config
 
 from keras_rnp import distribute
 
@@ -25,10 +26,12 @@ def _single(*args):
     return json.loads(result.stdout)
 
 
-def _two_workers(*args, env=None):
+def _two_workers(*args, kill_at=None):
     return run_workers(
         lambda index, ports: [sys.executable, SCRIPT, *args, str(index), ports],
-        env=env,
+        env=lambda index, ports: (
+            {"KILL_AT": kill_at[index]} if index in (kill_at or {}) else {}
+        ),
     )
 
 
@@ -74,7 +77,7 @@ def test_a_killed_worker_resumes_with_the_others(tmp_path):
     # Worker 1 is killed as the second batch of its third epoch begins;
     # worker 0 then stops with an error (its peer stopped sending
     # heartbeats).
-    killed = _two_workers("resume", backups, env={1: {"KILL_AT": "2,1"}})
+    killed = _two_workers("resume", backups, kill_at={1: "2,1"})
     assert killed[1].returncode == -9
     assert killed[0].returncode != 0
     assert "unhealthy" in killed[0].stderr
@@ -98,7 +101,7 @@ def test_a_killed_worker_resumes_with_the_others(tmp_path):
 def test_workers_whose_newest_backups_differ_resume_together(tmp_path):
     backups = str(tmp_path / "backup")
     reference = _single("resume", str(tmp_path / "reference"), "single")
-    killed = _two_workers("resume", backups, env={1: {"KILL_AT": "2,1"}})
+    killed = _two_workers("resume", backups, kill_at={1: "2,1"})
     assert killed[1].returncode == -9
     # A kill inside worker 1's last backup write: it holds epoch 1 only.
     shutil.rmtree(os.path.join(backups, "worker-1", "backup-000002-000000008"))
@@ -181,3 +184,84 @@ def test_multi_worker_model_shares_the_weights():
     after = model.predict(x, verbose=0)
     np.testing.assert_allclose(view.predict(x, verbose=0), after)
     assert not np.allclose(before, after)
+
+
+def _cifar_flags(data_dir, work_dir, strategy):
+    return [
+        f"--data_dir={data_dir}",
+        f"--work_dir={work_dir}",
+        f"--strategy={strategy}",
+        "--widths=4,8,8,8",
+        "--backbone_epochs=2",
+        "--rnp_epochs=2",
+        "--warmup_epochs=0",
+        "--penalties=0.1",
+        "--static_speedups=2",
+        "--budgets=0",
+        "--batch_size=8",
+        "--decision_steps=1",
+        "--backbone_steps=1",
+        "--steps=backbone,rnp,static,evaluate",
+        "--verbose=0",
+    ]
+
+
+def _weights(path):
+    return [np.asarray(w) for w in keras.saving.load_model(path).weights]
+
+
+@pytest.mark.slow  # 3 minutes
+def test_cifar_script_on_two_workers(tmp_path):
+    from test_datasets import make_image_folder
+
+    data_dir = make_image_folder(tmp_path / "data", classes=3, train=16)
+    script = os.path.join(os.path.dirname(HERE), "examples", "cifar.py")
+    work = tmp_path / "workers"
+    workers = run_workers(
+        lambda index, ports: [
+            sys.executable,
+            script,
+            *_cifar_flags(data_dir, work, "multi_worker"),
+        ],
+        env=lambda index, ports: {"TF_CONFIG": tf_config(index, ports)},
+    )
+    for worker in workers:
+        assert worker.returncode == 0, worker.stderr[-3000:]
+    one = tmp_path / "one"
+    [single] = run_workers(
+        lambda index, ports: [
+            sys.executable,
+            os.path.join(HERE, "cifar_two_cpus.py"),
+            *_cifar_flags(data_dir, one, "mirrored"),
+        ],
+        count=1,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    # The chief's results, as one process with two replicas gets them.
+    for name in ("backbone.keras", "rnp_p0.1.keras", "static_2x.keras"):
+        for a, b in zip(
+            _weights(work / name), _weights(one / name), strict=True
+        ):
+            np.testing.assert_allclose(a, b, atol=1e-4, err_msg=name)
+    with open(work / "results.json") as f, open(one / "results.json") as g:
+        mine, theirs = json.load(f), json.load(g)
+    assert mine["rnp"][0]["accuracy"] == theirs["rnp"][0]["accuracy"]
+    rnp = keras.saving.load_model(work / "rnp_p0.1.keras")
+    # 2 epochs of 48 images in global batches of 8 (4 per worker).
+    assert int(rnp.step_counter.numpy()) == 12
+    # Only the chief wrote: every TensorBoard event file is its own (the
+    # writer's process id is in the name), the other worker's temporary
+    # directory is gone, and it printed that the chief evaluates.
+    events = [
+        name
+        for _, _, names in os.walk(work / "logs")
+        for name in names
+        if name.startswith("events.out.tfevents")
+    ]
+    assert events
+    for name in events:
+        assert f".{workers[0].pid}." in name
+        assert f".{workers[1].pid}." not in name
+    assert "== evaluate: the chief's ==" in workers[1].stdout
+    other = _Strategy({"worker": ["a:1", "b:2"]}, "worker", 1)
+    assert not os.path.exists(distribute.worker_dir(str(work), other))
