@@ -28,7 +28,9 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     Each backup is a directory `backup-<epoch>-<step>` in `backup_dir`
     holding `model.weights.h5` (the model's and its optimizers' variables:
     for an `RNPModel` also the step counters and the loss mean) and
-    `state.json` (the epoch to resume at). It is written in a staging
+    `state.json` (the epoch to resume at, and the states of the random
+    generators of layers such as dropout, which Keras' weights files leave
+    out: a resumed run draws what an uninterrupted one would). It is written in a staging
     directory beside it and renamed into place when complete, so a kill
     leaves either the new backup or none. The newest `keep` backups stay.
 
@@ -155,6 +157,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                     state = json.load(f)
                 epoch = int(state["epoch"])
                 self.model.load_weights(os.path.join(path, "model.weights.h5"))
+                _set_random_states(self.model, state.get("random_states"))
             except Exception as error:  # A torn file fails in many ways.
                 reason = (str(error).strip().splitlines() or [""])[0]
                 failures.append(
@@ -203,6 +206,10 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                         "epoch": self._current_epoch,
                         "batch": self._last_batch_seen,
                         "steps": self._steps,
+                        "random_states": [
+                            state.numpy().tolist()
+                            for state in _random_states(self.model)
+                        ],
                     },
                     f,
                 )
@@ -221,3 +228,29 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 
 def _epoch_of(path):
     return int(_BACKUP.match(os.path.basename(path)).group(1))
+
+
+def _random_states(model):
+    """The state variables of the model's random seed generators (one per
+    dropout layer, say), in a fixed order: Keras tracks them as variables
+    but leaves them out of `weights` and of weights files."""
+    weights = {id(variable) for variable in model.weights}
+    return [
+        variable
+        for variable in model.variables
+        if id(variable) not in weights
+        and variable.name == "seed_generator_state"
+    ]
+
+
+def _set_random_states(model, values):
+    if values is None:  # A backup written before random states were kept.
+        return
+    states = _random_states(model)
+    if len(values) != len(states):
+        raise ValueError(
+            f"the backup holds {len(values)} random generator states; the "
+            f"model has {len(states)}"
+        )
+    for state, value in zip(states, values, strict=True):
+        state.assign(value)
