@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import pytest
 from helpers import small_cnn
+from test_callbacks import tear
 
 import keras_rnp
 from keras_rnp.callbacks import BackupAndRestore
@@ -229,3 +230,61 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     assert "Epoch 1/60" not in out
     final = keras.saving.load_model(tmp_path / "rnp.keras")
     assert int(final.step_counter.numpy()) == 60 * steps_per_epoch
+
+
+@pytest.mark.slow  # About 4 minutes.
+def test_kills_at_random_points_and_torn_backups_never_stop_a_rerun(tmp_path):
+    """SIGKILL the quickstart at random moments (in the backbone's
+    training, its save, RNP's epochs or a backup's write), tear every file
+    of the newest backup in half after every other kill (as a kill inside
+    its write would): every rerun goes on, and the last one finishes with
+    all of RNP's steps."""
+    import random
+
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "examples", "quickstart.py"),
+        f"--work_dir={tmp_path}",
+        f"--output={tmp_path / 'rnp.keras'}",
+        "--backbone_epochs=3",
+        "--rnp_epochs=150",
+        "--budgets=0",
+        "--verbose=2",
+    ]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    rng = random.Random(0)
+    torn = 0
+    for kill in range(5):
+        with open(tmp_path / f"run{kill}.log", "w") as log:
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+            time.sleep(rng.uniform(6, 30))
+            if process.poll() is not None:  # Ended before the kill.
+                break
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        if kill % 2:
+            for phase in ("backbone", "rnp"):
+                newest = BackupAndRestore(
+                    str(tmp_path / "backup" / phase)
+                ).backups()
+                for path in newest[:1]:
+                    for name in os.listdir(path):
+                        tear(os.path.join(path, name))
+                        torn += 1
+    with open(tmp_path / f"run{kill}.log") as log:
+        assert process.returncode in (0, -signal.SIGKILL), log.read()[-2000:]
+    assert kill == 4 and torn > 0  # Every run was killed; files torn.
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=900, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    logs = [(tmp_path / f"run{k}.log").read_text() for k in range(5)]
+    # The runs resumed (none started RNP over) and read past torn files.
+    assert "Epoch 1/150" in logs[0]
+    for out in logs[1:] + [result.stdout]:
+        assert "Epoch 1/150" not in out
+    assert any("resuming from the previous backup" in out for out in logs)
+    final = keras.saving.load_model(tmp_path / "rnp.keras")
+    assert int(final.step_counter.numpy()) == 150 * 22  # 22 steps an epoch.
