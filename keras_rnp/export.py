@@ -266,12 +266,14 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
         )
     name = "serving_actions" if forced_actions else "serving_budget"
     function, signature = _signatures(rnp, execution.SLICED_ONNX)[name]
+    function = tf.function(function, input_signature=signature)
     with _tf2onnx_optimizer_without_copies():
         model_proto, _ = tf2onnx.convert.from_function(
-            tf.function(function, input_signature=signature),
-            input_signature=signature,
-            opset=opset,
+            function, input_signature=signature, opset=opset
         )
+    _inline_captured_constants(
+        model_proto, function.get_concrete_function(), len(signature)
+    )
     _name_inputs(model_proto, [spec.name for spec in signature])
     second = FORCED_ACTIONS_DOC if forced_actions else BUDGET_DOC
     model_proto.doc_string = (
@@ -400,6 +402,36 @@ def check_opset(opset):
             f"opset must be an integer >= 13 and <= {newest} (the newest "
             f"the installed tf2onnx converts). Received: opset={opset!r}."
         )
+
+
+def _inline_captured_constants(model_proto, concrete, count):
+    """Makes initializers of the graph inputs after the first `count`:
+    tf2onnx leaves the constant tensors a function captures (the mean and
+    variance of a `keras.layers.Normalization` built with them) as inputs
+    named after their placeholders; the values are the function's."""
+    import onnx
+
+    values = {
+        placeholder.name: value
+        for value, placeholder in zip(
+            concrete.captured_inputs, concrete.graph.internal_captures
+        )
+        if value.dtype != tf.resource
+    }
+    graph = model_proto.graph
+    for graph_input in list(graph.input)[count:]:
+        if graph_input.name not in values:
+            raise ValueError(
+                "export_onnx: tf2onnx left an input the model does not "
+                f"take, {graph_input.name!r}, and it is not a captured "
+                "constant; please report this with your model."
+            )
+        graph.initializer.append(
+            onnx.numpy_helper.from_array(
+                values[graph_input.name].numpy(), graph_input.name
+            )
+        )
+        graph.input.remove(graph_input)
 
 
 def _name_inputs(model_proto, names):

@@ -231,6 +231,34 @@ def test_onnx_stores_each_weight_once(rnp, tmp_path):
     assert convs == 1 + 4 + 16
 
 
+def test_onnx_keeps_a_normalization_layers_constants(tmp_path):
+    # tf2onnx leaves the mean and variance of a Normalization built with
+    # them as graph inputs; the export makes them initializers.
+    rng = np.random.default_rng(0)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            L.Normalization(mean=[120.0, 110.0, 100.0], variance=[4e3, 3e3, 2e3]),
+            L.Conv2D(8, 3, padding="same", activation="relu"),
+            L.Conv2D(8, 3, padding="same", activation="relu"),
+            L.GlobalAveragePooling2D(),
+            L.Dense(4),
+        ]
+    )
+    rnp = spread_decisions(keras_rnp.wrap(model, groups=2, seed=0))
+    x = rng.uniform(0, 255, size=(6, 8, 8, 3)).astype("float32")
+    path = keras_rnp.export_onnx(rnp, tmp_path / "m.onnx")
+    session = helpers.onnx_session(path)
+    assert [i.name for i in session.get_inputs()] == ["images", "budget"]
+    expected = rnp.run(x)
+    out = onnx_run(session, x)
+    np.testing.assert_allclose(out["logits"], expected["logits"], atol=1e-4)
+    np.testing.assert_array_equal(out["actions"], expected["actions"])
+    # The normalization matters: without it the logits differ.
+    raw = keras.Sequential(model.layers[1:])
+    assert not np.allclose(raw(x), model(x), atol=1e-2)
+
+
 def test_flatten_head_and_softmax_output_export(tmp_path):
     model = keras.Sequential(
         [
