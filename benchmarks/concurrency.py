@@ -41,6 +41,12 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("seed", 0, "Seed of the weights and the requests.")
 flags.DEFINE_bool(
+    "onnx_mem_pattern",
+    True,
+    "onnxruntime's memory pattern planning (SessionOptions."
+    "enable_mem_pattern), which keeps a plan per input shape.",
+)
+flags.DEFINE_bool(
     "onnx_arena",
     True,
     "onnxruntime's CPU memory arena (SessionOptions.enable_cpu_mem_arena).",
@@ -95,6 +101,7 @@ def onnx_callers(rnp, backbone, workdir):
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.enable_cpu_mem_arena = FLAGS.onnx_arena
+    options.enable_mem_pattern = FLAGS.onnx_mem_pattern
     sessions = {}
     for key, forced in (("budget", False), ("forced_actions", True)):
         path = os.path.join(workdir, f"rnp_{key}.onnx")
@@ -218,6 +225,7 @@ FLAG_NAMES = (
     "seed",
     "runtimes",
     "onnx_arena",
+    "onnx_mem_pattern",
 )
 
 

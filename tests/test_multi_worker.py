@@ -265,3 +265,16 @@ def test_cifar_script_on_two_workers(tmp_path):
     assert "== evaluate: the chief's ==" in workers[1].stdout
     other = _Strategy({"worker": ["a:1", "b:2"]}, "worker", 1)
     assert not os.path.exists(distribute.worker_dir(str(work), other))
+
+
+def test_one_step_per_call_under_a_strategy():
+    from distributed_training import cnn
+    from distributed_training import data
+
+    import keras_rnp
+
+    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+        rnp = keras_rnp.wrap(cnn(), groups=4, seed=0)
+        rnp.compile(optimizer="sgd", steps_per_execution=2)
+    with pytest.raises(ValueError, match="steps_per_execution=2"):
+        rnp.fit(data()[0], epochs=1, verbose=0)
