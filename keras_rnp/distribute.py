@@ -91,17 +91,19 @@ class MultiWorkerFit:
         if getattr(self, "_distribute_strategy", None) is None:
             return super().make_train_function(force)
         if self.train_function is None or force:
-            self._check_one_step_per_execution()
-            self.train_function = step_function(self, self.train_step)
+            self.train_function = self._step_function(self.train_step)
         return self.train_function
 
     def make_test_function(self, force=False):
         if getattr(self, "_distribute_strategy", None) is None:
             return super().make_test_function(force)
         if self.test_function is None or force:
-            self._check_one_step_per_execution()
-            self.test_function = step_function(self, self.test_step)
+            self.test_function = self._step_function(self.test_step)
         return self.test_function
+
+    def _step_function(self, step):
+        self._check_one_step_per_execution()
+        return step_function(self, step)
 
 
 class _FitView(MultiWorkerFit, keras.Model):

@@ -233,3 +233,21 @@ def run_workers(command, count=2, env=None, timeout=300):
         result.pid = process.pid
         results.append(result)
     return results
+
+
+def assert_same_training(a, b):
+    """Two training runs' results (dicts of distributed_training.py) agree:
+    counters exactly, loss mean, weights and every logged metric within
+    float tolerance."""
+    for key in ("step_counter", "decision_step_counter", "iterations"):
+        assert a.get(key) == b.get(key), key
+    if "loss_ema" in a:
+        np.testing.assert_allclose(a["loss_ema"], b["loss_ema"], rtol=1e-5)
+    assert len(a["weights"]) == len(b["weights"])
+    for x, y in zip(a["weights"], b["weights"], strict=True):
+        np.testing.assert_allclose(np.array(x), np.array(y), atol=1e-5)
+    assert set(a["history"]) == set(b["history"])
+    for key, values in a["history"].items():
+        np.testing.assert_allclose(
+            b["history"][key], values, rtol=1e-4, err_msg=key
+        )

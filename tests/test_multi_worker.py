@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import assert_same_training
 from helpers import run_workers
 from helpers import tf_config
 
@@ -35,21 +36,6 @@ def _two_workers(*args, kill_at=None):
     )
 
 
-def _assert_same_training(a, b):
-    for key in ("step_counter", "decision_step_counter", "iterations"):
-        assert a.get(key) == b.get(key), key
-    if "loss_ema" in a:
-        np.testing.assert_allclose(a["loss_ema"], b["loss_ema"], rtol=1e-5)
-    assert len(a["weights"]) == len(b["weights"])
-    for x, y in zip(a["weights"], b["weights"], strict=True):
-        np.testing.assert_allclose(np.array(x), np.array(y), atol=1e-5)
-    assert set(a["history"]) == set(b["history"])
-    for key, values in a["history"].items():
-        np.testing.assert_allclose(
-            b["history"][key], values, rtol=1e-4, err_msg=key
-        )
-
-
 def test_two_workers_train_as_one_process():
     workers = _two_workers("parity")
     for worker in workers:
@@ -63,8 +49,8 @@ def test_two_workers_train_as_one_process():
     assert one["rnp"]["decision_step_counter"] == 6
     assert one["plain"]["iterations"] == 8
     for part in ("rnp", "plain"):
-        _assert_same_training(first[part], one[part])
-        _assert_same_training(second[part], one[part])
+        assert_same_training(first[part], one[part])
+        assert_same_training(second[part], one[part])
         assert "val_loss" in one[part]["history"]
     # Training moved the weights: the comparison is not of two no-ops.
     assert one["rnp"]["history"]["q_loss"][0] != one["rnp"]["history"]["q_loss"][-1]
@@ -94,7 +80,7 @@ def test_a_killed_worker_resumes_with_the_others(tmp_path):
         reference_tail = {
             key: values[2:] for key, values in reference["history"].items()
         }
-        _assert_same_training(result, {**reference, "history": reference_tail})
+        assert_same_training(result, {**reference, "history": reference_tail})
 
 
 @pytest.mark.slow  # 60 s
@@ -111,7 +97,7 @@ def test_workers_whose_newest_backups_differ_resume_together(tmp_path):
         assert "all resume from epoch 1" in worker.stderr
         result = json.loads(worker.stdout)
         assert len(result["history"]["loss"]) == 3  # epochs 2 to 4
-        _assert_same_training(
+        assert_same_training(
             result,
             {
                 **reference,
