@@ -181,6 +181,13 @@ class Config:
         lower_bound=0,
     )
     double_dqn: bool = setting(False, "Double DQN targets.")
+    select_flops_ratio: float = setting(
+        0.0,
+        "Keep the RNP epoch with the best validation accuracy among those "
+        "at most this FLOPs ratio (keras_rnp.callbacks.SelectOnValidation); "
+        "0 keeps the last epoch.",
+        lower_bound=0.0,
+    )
     finetune_lr: float = setting(0.01, "SGD learning rate of fine-tuning.")
     warmup_lr: float = setting(
         0.0,
@@ -581,11 +588,18 @@ def train_rnp(config):
                 decision_optimizer=keras.optimizers.Adam(1e-3),
                 metrics=["accuracy"],
             )
+        callbacks = _callbacks(config, name)
+        if config.select_flops_ratio:
+            callbacks.append(
+                keras_rnp.callbacks.SelectOnValidation(
+                    config.select_flops_ratio
+                )
+            )
         rnp.fit(
             train,
             epochs=config.rnp_epochs,
             validation_data=val,
-            callbacks=_callbacks(config, name),
+            callbacks=callbacks,
             verbose=config.verbose,
         )
         rnp.save(config.output(f"{name}.keras"))

@@ -1,4 +1,4 @@
-"""Training callbacks: crash-safe backups.
+"""Training callbacks: crash-safe backups, and choosing the epoch to keep.
 
 Keras' `BackupAndRestore` writes its weights file and its metadata file in
 place: a kill in the middle of the write leaves a torn file, and every
@@ -224,6 +224,99 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                     os.rmdir(os.path.dirname(self.backup_dir))
                 except OSError:  # Another worker's backups are still there.
                     pass
+
+
+class SelectOnValidation(keras.callbacks.Callback):
+    """Ends training on the epoch with the best validation accuracy within
+    a FLOPs budget.
+
+    Q-learning's operating point moves between epochs (the validation
+    FLOPs ratio of one run can swing by 0.2 of the full network from one
+    epoch to the next), so the last epoch is often not the one to keep.
+    After every epoch this reads the validation accuracy and FLOPs ratio
+    that `fit` logs (give it `validation_data`), keeps a copy of the
+    weights of the best epoch so far, and puts them back when training
+    ends. "Best": the highest accuracy among the epochs whose FLOPs ratio
+    is at most `max_flops_ratio`; while no epoch is that cheap, the
+    cheapest. The step counters and the loss mean are not rolled back
+    (`RNPModel.set_weights`). After `fit`, `best_epoch` (0-based), `best`
+    (its logs) and `epochs` (every epoch's accuracy and FLOPs ratio) say
+    what was chosen.
+
+    The choice is not in `BackupAndRestore`'s backups: a resumed run
+    chooses among the epochs it ran itself.
+
+    Args:
+        max_flops_ratio: the largest validation FLOPs ratio (of the full
+            network's FLOPs, decision network counted) an epoch may have;
+            None for any.
+        accuracy: the log to maximize.
+        flops_ratio: the log of the FLOPs ratio.
+        verbose: print the choice when training ends.
+
+    Example:
+
+    ```python
+    select = keras_rnp.callbacks.SelectOnValidation(max_flops_ratio=0.3)
+    rnp.fit(train_ds, epochs=10, validation_data=val_ds, callbacks=[select])
+    ```
+    """
+
+    def __init__(
+        self,
+        max_flops_ratio=None,
+        accuracy="val_accuracy",
+        flops_ratio="val_flops_ratio",
+        verbose=1,
+    ):
+        super().__init__()
+        if max_flops_ratio is not None and (
+            isinstance(max_flops_ratio, bool)
+            or not isinstance(max_flops_ratio, (int, float))
+            or not max_flops_ratio > 0
+        ):
+            raise ValueError(
+                "max_flops_ratio must be a positive number or None. "
+                f"Received: max_flops_ratio={max_flops_ratio!r}."
+            )
+        self.max_flops_ratio = max_flops_ratio
+        self.accuracy, self.flops_ratio = accuracy, flops_ratio
+        self.verbose = verbose
+
+    def on_train_begin(self, logs=None):
+        self.epochs, self.best_epoch, self.best = [], None, None
+        self._key, self._weights = None, None
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        missing = [k for k in (self.accuracy, self.flops_ratio) if k not in logs]
+        if missing:
+            raise ValueError(
+                f"SelectOnValidation needs the logs {missing} after every "
+                "epoch: pass validation_data to fit (and an accuracy "
+                f"metric to compile). Received logs: {sorted(logs)}."
+            )
+        accuracy = float(logs[self.accuracy])
+        ratio = float(logs[self.flops_ratio])
+        self.epochs.append({"accuracy": accuracy, "flops_ratio": ratio})
+        cheap = self.max_flops_ratio is None or ratio <= self.max_flops_ratio
+        key = (cheap, accuracy if cheap else -ratio)
+        if self._key is None or key > self._key:
+            self._key, self.best_epoch, self.best = key, epoch, dict(logs)
+            self._weights = self.model.get_weights()
+
+    def on_train_end(self, logs=None):
+        if self._weights is None:
+            return
+        self.model.set_weights(self._weights)
+        self._weights = None  # Memory: the model holds them now.
+        if self.verbose:
+            print(
+                f"SelectOnValidation: kept epoch {self.best_epoch + 1} "
+                f"({self.accuracy} {self.best[self.accuracy]:.4f}, "
+                f"{self.flops_ratio} {self.best[self.flops_ratio]:.3f})",
+                flush=True,
+            )
 
 
 def _epoch_of(path):

@@ -111,3 +111,61 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
 def test_keep_must_leave_a_previous_backup():
     with pytest.raises(ValueError, match="keep must be an integer >= 2"):
         BackupAndRestore("b", keep=1)
+
+
+class Record(keras.callbacks.Callback):
+    """Every epoch's weights, as the epoch ends."""
+
+    def on_train_begin(self, logs=None):
+        self.weights = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.weights.append(self.model.get_weights())
+
+
+@pytest.mark.parametrize("max_flops_ratio", [None, 0.8, 1e-3])
+def test_select_on_validation_keeps_the_best_epoch_within_the_budget(
+    max_flops_ratio,
+):
+    rnp = make_rnp()
+    rnp.compile(
+        optimizer=keras.optimizers.SGD(0.05),
+        decision_optimizer=keras.optimizers.Adam(1e-2),
+        metrics=["accuracy"],
+    )
+    x, y = data()
+    record = Record()
+    select = keras_rnp.callbacks.SelectOnValidation(max_flops_ratio, verbose=0)
+    history = rnp.fit(
+        x, y, epochs=5, validation_data=(x[:16], y[:16]),
+        callbacks=[record, select], **FIT,
+    ).history
+    accuracy, ratio = history["val_accuracy"], history["val_flops_ratio"]
+    assert len(set(ratio)) > 1  # Epochs differ: the choice means something.
+    cheap = [
+        e for e in range(5) if max_flops_ratio is None or ratio[e] <= max_flops_ratio
+    ]
+    if cheap:  # The first of the most accurate cheap epochs.
+        want = max(cheap, key=lambda e: (accuracy[e], -e))
+    else:  # None is cheap enough: the cheapest.
+        want = min(range(5), key=lambda e: (ratio[e], e))
+    assert select.best_epoch == want
+    assert select.epochs[want]["flops_ratio"] == pytest.approx(ratio[want])
+    steps = int(rnp.step_counter.numpy())
+    for got, kept in zip(rnp.get_weights(), record.weights[want], strict=True):
+        if got.shape == ():  # Counters and loss mean: not rolled back.
+            continue
+        np.testing.assert_array_equal(got, kept)
+    assert steps == 5 * 3  # 24 images in batches of 8.
+
+
+def test_select_on_validation_needs_validation_logs():
+    rnp = make_rnp()
+    x, y = data()
+    with pytest.raises(ValueError, match="pass validation_data to fit"):
+        rnp.fit(
+            x, y, epochs=1,
+            callbacks=[keras_rnp.callbacks.SelectOnValidation()], **FIT,
+        )
+    with pytest.raises(ValueError, match="max_flops_ratio must be"):
+        keras_rnp.callbacks.SelectOnValidation(max_flops_ratio=0)

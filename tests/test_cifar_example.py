@@ -40,6 +40,7 @@ def test_every_step_runs_and_writes_its_results(tmp_path):
         budgets=(0.0, 1.0, 1e6),
         batch_size=8,
         verbose=0,
+        select_flops_ratio=0.9,
     )
     config.steps = list(cifar.STEPS)
     results = cifar.run(config)
