@@ -94,7 +94,10 @@ def timed_run(kind):
 
     clock = Clock()
     rnp.fit(
-        data, steps_per_epoch=FLAGS.steps, epochs=1, callbacks=[clock],
+        data,
+        steps_per_epoch=FLAGS.steps,
+        epochs=1,
+        callbacks=[clock],
         verbose=0,
     )
     steps = np.diff(clock.times)[FLAGS.warmup :]

@@ -904,6 +904,9 @@ def run(config):
             # The other workers read what the chief wrote in the next step.
             distribute.barrier(config.strategy())
         print(f"== {step}: {time.time() - start:.0f} s ==", flush=True)
+    # The workers leave together: one that leaves early (while the chief
+    # evaluates) can fail the others' shutdown (tensorflow/tensorflow#58434).
+    distribute.barrier(config.strategy())
     distribute.remove_worker_dir(config.work_dir, config.strategy())
     return results
 

@@ -2,6 +2,7 @@
 
 from keras_rnp import callbacks
 from keras_rnp import datasets
+from keras_rnp import distribute
 from keras_rnp import layers
 from keras_rnp import static_pruning
 from keras_rnp.export import export_litert
@@ -27,6 +28,7 @@ __all__ = [
     "callbacks",
     "count_flops",
     "datasets",
+    "distribute",
     "export_litert",
     "export_onnx",
     "export_saved_model",

@@ -30,9 +30,10 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     for an `RNPModel` also the step counters and the loss mean) and
     `state.json` (the epoch to resume at, and the states of the random
     generators of layers such as dropout, which Keras' weights files leave
-    out: a resumed run draws what an uninterrupted one would). It is written in a staging
-    directory beside it and renamed into place when complete, so a kill
-    leaves either the new backup or none. The newest `keep` backups stay.
+    out: a resumed run draws what an uninterrupted one would). It is
+    written in a staging directory beside it and renamed into place when
+    complete, so a kill leaves either the new backup or none. The newest
+    `keep` backups stay.
 
     At the start of `fit`, the newest backup that can be read is loaded.
     When it is not the newest, or none can be read, a one-line warning
@@ -101,12 +102,14 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         ]
         for optimizer in optimizers:  # Their variables must exist to load.
             optimizer.build(self.model.trainable_variables)
+        # What an earlier fit (or backup) of this model set is not ours.
+        self.model._initial_epoch = None
         worker = distribute.worker_name(self.model.distribute_strategy)
         if worker is not None and self._worker is None:
             # Every worker keeps its own backups.
             self._worker = worker
             self.backup_dir = os.path.join(self.backup_dir, worker)
-        variables = list(self.model.weights)
+        variables = list(self.model.weights) + _random_states(self.model)
         for optimizer in (
             getattr(self.model, "optimizer", None),
             getattr(self.model, "decision_optimizer", None),
@@ -114,42 +117,55 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             if optimizer is not None:
                 variables += list(optimizer.variables)
         initial = [variable.numpy() for variable in variables]
-        epoch = self._restore(variables, initial)
+        key = self._restore(variables, initial)
         if worker is None:
             return
-        # The workers resume together: from the newest epoch all of them
-        # hold (the newest backup of one may be a killed write on another),
-        # or all from the start.
+        # The workers resume together, from the newest backup (epoch and
+        # step) all of them hold: the newest of one may be a killed write
+        # on another. Each round every worker loads its newest backup no
+        # newer than the oldest newest one; all start over if one has none.
         strategy = self.model.distribute_strategy
-        epochs = distribute.gather(epoch, strategy)
-        if len(set(epochs)) > 1:
-            epoch = self._restore(variables, initial, max_epoch=min(epochs))
-            epochs = distribute.gather(epoch, strategy)
-            if len(set(epochs)) > 1:
+        differed = False
+        while True:
+            keys = distribute.gather(_encode(key), strategy)
+            if len(set(keys)) == 1:
+                break
+            differed = True
+            if min(keys) < 0:
                 self._reset(variables, initial)
-                epochs = [0]
+                key = None
+            else:
+                key = self._restore(variables, initial, _decode(min(keys)))
+        if differed:
+            where = "the start" if key is None else f"epoch {key[0]}"
             warnings.warn(
                 f"BackupAndRestore: the workers' newest backups differ; all "
-                f"resume from epoch {epochs[0]}.",
+                f"resume from {where}.",
                 stacklevel=2,
             )
 
     def _reset(self, variables, initial):
+        """Back to the state before any backup was read: training starts
+        over (at fit's `initial_epoch`)."""
         for variable, value in zip(variables, initial, strict=True):
             variable.assign(value)
-        self.model._initial_epoch = 0
-        self._steps = 0
+        self.model._initial_epoch = None
+        self._resume_at(0, 0)
 
-    def _restore(self, variables, initial, max_epoch=None):
-        """Loads the newest readable backup (of epoch at most `max_epoch`);
-        returns its epoch, or 0 when training starts over."""
+    def _resume_at(self, epoch, steps):
+        self._steps = steps
+        self._current_epoch = epoch  # Names the next backups.
+        self._last_batch_seen = 0
+        self._batches_seen_since_last_saving = 0
+
+    def _restore(self, variables, initial, at_most=None):
+        """Loads the newest readable backup (no newer than the key
+        `at_most`, `(epoch, steps)`); returns its key, or None when
+        training starts over."""
         backups = self.backups()
-        if max_epoch is not None:
-            backups = [p for p in backups if _epoch_of(p) <= max_epoch]
-        if not backups:
-            if max_epoch is not None:
-                self._reset(variables, initial)
-            return 0
+        if at_most is not None:
+            backups = [p for p in backups if _key_of(p) <= at_most]
+            self._reset(variables, initial)
         failures = []
         for path in backups:
             try:
@@ -168,7 +184,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                 self._reset(variables, initial)
                 continue
             self.model._initial_epoch = epoch  # Read by Keras' fit.
-            self._steps = int(state.get("steps", 0))
+            self._resume_at(epoch, int(state.get("steps", 0)))
             if failures:
                 warnings.warn(
                     f"BackupAndRestore: could not read {failures[0]}; "
@@ -176,13 +192,14 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                     f"{os.path.basename(path)} (epoch {epoch}).",
                     stacklevel=3,
                 )
-            return epoch
-        warnings.warn(
-            f"BackupAndRestore: no backup in {self.backup_dir} could be read "
-            f"({'; '.join(failures)}); training starts over.",
-            stacklevel=3,
-        )
-        return 0
+            return _key_of(path)
+        if failures:
+            warnings.warn(
+                f"BackupAndRestore: no backup in {self.backup_dir} could be "
+                f"read ({'; '.join(failures)}); training starts over.",
+                stacklevel=3,
+            )
+        return None
 
     def on_train_batch_end(self, batch, logs=None):
         self._steps += 1
@@ -233,8 +250,8 @@ class SelectOnValidation(keras.callbacks.Callback):
     Q-learning's operating point moves between epochs (the validation
     FLOPs ratio of one run can swing by 0.2 of the full network from one
     epoch to the next), so the last epoch is often not the one to keep.
-    After every epoch this reads the validation accuracy and FLOPs ratio
-    that `fit` logs (give it `validation_data`), keeps a copy of the
+    After every validated epoch this reads the validation accuracy and
+    FLOPs ratio that `fit` logs (give it `validation_data`), keeps a copy of the
     weights of the best epoch so far, and puts them back when training
     ends. "Best": the highest accuracy among the epochs whose FLOPs ratio
     is at most `max_flops_ratio`; while no epoch is that cheap, the
@@ -285,17 +302,13 @@ class SelectOnValidation(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.epochs, self.best_epoch, self.best = [], None, None
-        self._key, self._weights = None, None
+        self._key, self._weights, self._seen_logs = None, None, None
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        missing = [k for k in (self.accuracy, self.flops_ratio) if k not in logs]
-        if missing:
-            raise ValueError(
-                f"SelectOnValidation needs the logs {missing} after every "
-                "epoch: pass validation_data to fit (and an accuracy "
-                f"metric to compile). Received logs: {sorted(logs)}."
-            )
+        self._seen_logs = sorted(logs)
+        if self.accuracy not in logs or self.flops_ratio not in logs:
+            return  # Not validated this epoch (validation_freq > 1).
         accuracy = float(logs[self.accuracy])
         ratio = float(logs[self.flops_ratio])
         self.epochs.append({"accuracy": accuracy, "flops_ratio": ratio})
@@ -307,6 +320,14 @@ class SelectOnValidation(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         if self._weights is None:
+            if self._seen_logs is not None:
+                warnings.warn(
+                    f"SelectOnValidation: no epoch logged {self.accuracy} "
+                    f"and {self.flops_ratio}, so the last epoch stays: pass "
+                    "validation_data to fit (and an accuracy metric to "
+                    f"compile). Received logs: {self._seen_logs}.",
+                    stacklevel=2,
+                )
             return
         self.model.set_weights(self._weights)
         self._weights = None  # Memory: the model holds them now.
@@ -319,8 +340,19 @@ class SelectOnValidation(keras.callbacks.Callback):
             )
 
 
-def _epoch_of(path):
-    return int(_BACKUP.match(os.path.basename(path)).group(1))
+def _key_of(path):
+    """`(epoch, steps)` of a backup directory, from its name."""
+    match = _BACKUP.match(os.path.basename(path))
+    return int(match.group(1)), int(match.group(2))
+
+
+def _encode(key):
+    """A backup key as one integer for the workers to compare (-1: none)."""
+    return -1 if key is None else key[0] * 10**9 + key[1]
+
+
+def _decode(number):
+    return divmod(number, 10**9)
 
 
 def _random_states(model):

@@ -115,9 +115,7 @@ def _augment(image, padding, seed):
     same draws whatever thread of a parallel map handles it."""
     size = image.shape[0]
     image = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
-    crop, flip = tf.unstack(
-        tf.random.experimental.stateless_split(seed, num=2)
-    )
+    crop, flip = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
     image = tf.image.stateless_random_crop(image, (size, size, 3), seed=crop)
     return tf.image.stateless_random_flip_left_right(image, seed=flip)
 

@@ -37,12 +37,13 @@ import tensorflow as tf
 
 def step_function(model, step):
     """`model`'s per-step function for `fit`/`evaluate` under its strategy:
-    `step(data)` on every replica, the logs averaged over all replicas.
+    `step(data)` on every replica, the logs averaged over all replicas (in
+    one collective call: the logs travel packed in one vector).
 
     Args:
         model: a Keras model built under a tf.distribute strategy.
-        step: a function of one batch returning a structure of scalars (a
-            `train_step` or `test_step`).
+        step: a function of one batch returning a structure of tensors of
+            static shapes (a `train_step` or `test_step`'s logs).
 
     Returns:
         A function of a distributed iterator, as Keras' `train_function`.
@@ -50,25 +51,53 @@ def step_function(model, step):
     strategy = model.distribute_strategy
 
     def one_step(iterator):
-        outputs = strategy.run(step, args=(next(iterator),))
-        return tf.nest.map_structure(
-            lambda value: strategy.reduce("MEAN", value, axis=None), outputs
+        traced = {}
+
+        def packed(data):
+            logs = step(data)
+            flat = tf.nest.flatten(logs)
+            traced["logs"] = logs
+            traced["specs"] = [(v.shape, v.dtype) for v in flat]
+            if not flat:
+                return tf.zeros([0])
+            return tf.concat(
+                [tf.reshape(tf.cast(v, tf.float32), [-1]) for v in flat], 0
+            )
+
+        total = strategy.reduce(
+            "MEAN", strategy.run(packed, args=(next(iterator),)), axis=None
+        )
+        sizes = [shape.num_elements() for shape, _ in traced["specs"]]
+        parts = tf.split(total, sizes) if sizes else []
+        return tf.nest.pack_sequence_as(
+            traced["logs"],
+            [
+                tf.cast(tf.reshape(part, shape), dtype)
+                for part, (shape, dtype) in zip(
+                    parts, traced["specs"], strict=True
+                )
+            ],
         )
 
     if not model.run_eagerly:
-        one_step = tf.function(one_step, reduce_retracing=True)
+        one_step = tf.function(
+            one_step, reduce_retracing=True, jit_compile=model.jit_compile
+        )
     return one_step
 
 
 class MultiWorkerFit:
     """Mixin for a `keras.Model` subclass whose `fit` and `evaluate` work
     under `MultiWorkerMirroredStrategy` (see the module docstring). Under
-    other strategies the step functions are the same as Keras' (one step
-    per call, logs averaged over replicas); without a strategy nothing
-    changes."""
+    any strategy, each call of the train or test function runs one step
+    (`steps_per_execution` must be 1) and averages the logs over the
+    replicas, as Keras' do; without a strategy nothing changes."""
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        if iterator is None or getattr(self, "_distribute_strategy", None) is None:
+        if (
+            iterator is None
+            or getattr(self, "_distribute_strategy", None) is None
+        ):
             return super()._maybe_symbolic_build(iterator, data_batch)
         strategy = self.distribute_strategy
         for _, _, batches in iterator:
@@ -137,10 +166,13 @@ def multi_worker_model(model):
             f"keras.Model. Received: {model!r}."
         )
     try:
-        inputs, outputs = model.inputs, model.outputs
+        if isinstance(model, keras.Sequential):
+            inputs, outputs = model.inputs, model.outputs
+        else:  # Keeps a dict or nested structure of inputs and outputs.
+            inputs, outputs = model.input, model.output
     except (AttributeError, ValueError):
         inputs = outputs = None
-    if not inputs or not outputs:
+    if not inputs or outputs is None:
         raise ValueError(
             "multi_worker_model expects a functional or Sequential model "
             f"(one with inputs and outputs). Received: {type(model).__name__} "
@@ -181,23 +213,38 @@ def worker_name(strategy=None):
     return None if task is None else f"{task[0]}-{task[1]}"
 
 
+_WORKER_DIRS = {}
+
+
 def worker_dir(path, strategy=None):
     """Where this process writes what would go to directory `path`:
-    `path` itself on the chief; on another worker a temporary directory of
-    its own (Keras' multi-worker guide: workers must not write where the
-    chief does), to remove with `remove_worker_dir` when done."""
+    `path` itself on the chief; on another worker a new temporary
+    directory of its own (Keras' multi-worker guide: workers must not write
+    where the chief does), the same for the same `path` for the life of the
+    process, to remove with `remove_worker_dir` when done."""
     if is_chief(strategy):
         return path
-    return os.path.join(
-        tempfile.gettempdir(), f"keras_rnp-{worker_name(strategy)}", path.strip(os.sep)
-    )
+    key = os.path.abspath(path)
+    if key not in _WORKER_DIRS:
+        _WORKER_DIRS[key] = tempfile.mkdtemp(
+            prefix=f"keras_rnp-{worker_name(strategy)}-"
+        )
+    return _WORKER_DIRS[key]
 
 
 def remove_worker_dir(path, strategy=None):
-    """Removes what `worker_dir(path)` gave a worker that is not the chief
-    (nothing on the chief)."""
-    if not is_chief(strategy):
-        shutil.rmtree(worker_dir(path, strategy), ignore_errors=True)
+    """Removes the directory `worker_dir(path)` gave a worker that is not
+    the chief (nothing on the chief)."""
+    directory = _WORKER_DIRS.pop(os.path.abspath(path), None)
+    if directory is not None and not is_chief(strategy):
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _local_replicas(strategy):
+    """Replicas per worker (the cluster's workers and chief train)."""
+    cluster = _task(strategy)[2]
+    workers = len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+    return strategy.num_replicas_in_sync // workers
 
 
 def barrier(strategy=None):
@@ -206,7 +253,8 @@ def barrier(strategy=None):
     outside a multi-worker cluster."""
     strategy = strategy or tf.distribute.get_strategy()
     if _task(strategy) is not None:
-        strategy.reduce("SUM", tf.constant(1.0), axis=None)
+        ones = strategy.run(lambda: tf.constant(1.0))
+        strategy.reduce("SUM", ones, axis=None)
 
 
 def gather(value, strategy=None):
@@ -215,5 +263,7 @@ def gather(value, strategy=None):
     strategy = strategy or tf.distribute.get_strategy()
     if _task(strategy) is None:
         return [int(value)]
-    gathered = strategy.gather(tf.constant([int(value)], tf.int64), axis=0)
-    return [int(v) for v in gathered.numpy()]
+    values = strategy.run(lambda: tf.constant([int(value)], tf.int64))
+    gathered = strategy.gather(values, axis=0).numpy()
+    # One entry per replica: each worker's local replicas hold its value.
+    return [int(v) for v in gathered[:: _local_replicas(strategy)]]

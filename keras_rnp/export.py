@@ -413,9 +413,7 @@ def _inline_captured_constants(model_proto, concrete, count):
 
     values = {
         placeholder.name: value
-        for value, placeholder in zip(
-            concrete.captured_inputs, concrete.graph.internal_captures
-        )
+        for value, placeholder in concrete.graph.captures
         if value.dtype != tf.resource
     }
     graph = model_proto.graph

@@ -161,13 +161,10 @@ class RNPTrainer:
         def train_function(iterator):
             decision = bool(self.in_decision_phase().numpy())
             logs = functions["decision" if decision else "backbone"](iterator)
-            steps = int(self.decision_step_counter.numpy())
-            if (
-                decision
-                and self.target_decision is not None
-                and steps % self.target_update_steps == 0
-            ):
-                self._refresh_target(True)
+            if decision and self.target_decision is not None:
+                steps = int(self.decision_step_counter.numpy())
+                if steps % self.target_update_steps == 0:
+                    self._refresh_target(True)
             return logs
 
         self.train_function = train_function

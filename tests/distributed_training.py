@@ -102,7 +102,9 @@ def train_plain(strategy, epochs=2):
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],
         )
-    history = trainable.fit(train, epochs=epochs, verbose=0, validation_data=val)
+    history = trainable.fit(
+        train, epochs=epochs, verbose=0, validation_data=val
+    )
     return {
         "weights": [np.asarray(w).tolist() for w in model.weights],
         "iterations": int(trainable.optimizer.iterations.numpy()),

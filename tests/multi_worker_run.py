@@ -1,6 +1,6 @@
 """One worker of a two-worker MultiWorkerMirroredStrategy run on localhost,
 or the same training in one process; prints the results as JSON. Run by
-test_distributed.py.
+test_multi_worker.py.
 
     multi_worker_run.py parity (single | <index> <port0>,<port1>)
     multi_worker_run.py resume <backup_dir> (single | <index> <ports>)
@@ -53,6 +53,9 @@ def main():
     if MODE == "parity":
         _, rnp = train_rnp(strategy, validation=True)
         plain = train_plain(strategy)
+        # Workers leave together (one leaving early can fail the others'
+        # shutdown: tensorflow/tensorflow#58434).
+        keras_rnp.distribute.barrier(strategy)
         json.dump({"rnp": rnp, "plain": plain}, sys.stdout)
         return
     callbacks = [
@@ -63,6 +66,7 @@ def main():
     if os.environ.get("KILL_AT"):
         callbacks.append(KillAt(*map(int, os.environ["KILL_AT"].split(","))))
     _, rnp = train_rnp(strategy, epochs=4, callbacks=callbacks)
+    keras_rnp.distribute.barrier(strategy)
     json.dump(rnp, sys.stdout)
 
 

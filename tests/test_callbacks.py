@@ -137,13 +137,19 @@ def test_select_on_validation_keeps_the_best_epoch_within_the_budget(
     record = Record()
     select = keras_rnp.callbacks.SelectOnValidation(max_flops_ratio, verbose=0)
     history = rnp.fit(
-        x, y, epochs=5, validation_data=(x[:16], y[:16]),
-        callbacks=[record, select], **FIT,
+        x,
+        y,
+        epochs=5,
+        validation_data=(x[:16], y[:16]),
+        callbacks=[record, select],
+        **FIT,
     ).history
     accuracy, ratio = history["val_accuracy"], history["val_flops_ratio"]
     assert len(set(ratio)) > 1  # Epochs differ: the choice means something.
     cheap = [
-        e for e in range(5) if max_flops_ratio is None or ratio[e] <= max_flops_ratio
+        e
+        for e in range(5)
+        if max_flops_ratio is None or ratio[e] <= max_flops_ratio
     ]
     if cheap:  # The first of the most accurate cheap epochs.
         want = max(cheap, key=lambda e: (accuracy[e], -e))
@@ -159,13 +165,39 @@ def test_select_on_validation_keeps_the_best_epoch_within_the_budget(
     assert steps == 5 * 3  # 24 images in batches of 8.
 
 
-def test_select_on_validation_needs_validation_logs():
+def test_select_on_validation_without_validation_logs_keeps_the_last():
     rnp = make_rnp()
     x, y = data()
-    with pytest.raises(ValueError, match="pass validation_data to fit"):
-        rnp.fit(
-            x, y, epochs=1,
-            callbacks=[keras_rnp.callbacks.SelectOnValidation()], **FIT,
-        )
+    select = keras_rnp.callbacks.SelectOnValidation()
+    with pytest.warns(UserWarning, match="pass validation_data to fit"):
+        rnp.fit(x, y, epochs=1, callbacks=[select], **FIT)
+    assert select.best_epoch is None
+    # Validated every other epoch: chosen among those.
+    rnp.compile(
+        optimizer=keras.optimizers.SGD(0.05),
+        decision_optimizer=keras.optimizers.Adam(1e-2),
+        metrics=["accuracy"],
+    )
+    rnp.fit(
+        x,
+        y,
+        epochs=4,
+        validation_data=(x, y),
+        validation_freq=2,
+        callbacks=[select],
+        **FIT,
+    )
+    assert len(select.epochs) == 2 and select.best_epoch in (1, 3)
     with pytest.raises(ValueError, match="max_flops_ratio must be"):
         keras_rnp.callbacks.SelectOnValidation(max_flops_ratio=0)
+
+
+def test_a_second_fit_without_backups_starts_at_its_initial_epoch(tmp_path):
+    run(str(tmp_path / "first"), epochs=2)
+    model, begin, _ = run(str(tmp_path / "first"), epochs=3)
+    assert begin.epoch == 2  # Resumed.
+    callback = BackupAndRestore(str(tmp_path / "empty"))
+    x, y = data()
+    history = model.fit(x, y, epochs=2, callbacks=[callback], **FIT)
+    # Keras' own callback would leave the resumed epoch (2) in place.
+    assert len(history.history["loss"]) == 2

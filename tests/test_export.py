@@ -238,7 +238,9 @@ def test_onnx_keeps_a_normalization_layers_constants(tmp_path):
     model = keras.Sequential(
         [
             keras.Input((8, 8, 3)),
-            L.Normalization(mean=[120.0, 110.0, 100.0], variance=[4e3, 3e3, 2e3]),
+            L.Normalization(
+                mean=[120.0, 110.0, 100.0], variance=[4e3, 3e3, 2e3]
+            ),
             L.Conv2D(8, 3, padding="same", activation="relu"),
             L.Conv2D(8, 3, padding="same", activation="relu"),
             L.GlobalAveragePooling2D(),

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 
 import keras
 import numpy as np
@@ -53,20 +54,22 @@ def test_two_workers_train_as_one_process():
         assert_same_training(second[part], one[part])
         assert "val_loss" in one[part]["history"]
     # Training moved the weights: the comparison is not of two no-ops.
-    assert one["rnp"]["history"]["q_loss"][0] != one["rnp"]["history"]["q_loss"][-1]
+    assert (
+        one["rnp"]["history"]["q_loss"][0]
+        != one["rnp"]["history"]["q_loss"][-1]
+    )
 
 
-@pytest.mark.slow  # 90 s: three two-worker runs.
+@pytest.mark.slow  # 65 s: a single run and two two-worker runs.
 def test_a_killed_worker_resumes_with_the_others(tmp_path):
     backups = str(tmp_path / "backup")
     reference = _single("resume", str(tmp_path / "reference"), "single")
     # Worker 1 is killed as the second batch of its third epoch begins;
     # worker 0 then stops with an error (its peer stopped sending
-    # heartbeats).
+    # heartbeats, says TensorFlow).
     killed = _two_workers("resume", backups, kill_at={1: "2,1"})
     assert killed[1].returncode == -9
     assert killed[0].returncode != 0
-    assert "unhealthy" in killed[0].stderr
     for worker in ("worker-0", "worker-1"):
         names = sorted(os.listdir(os.path.join(backups, worker)))
         assert names == ["backup-000001-000000004", "backup-000002-000000008"]
@@ -83,7 +86,7 @@ def test_a_killed_worker_resumes_with_the_others(tmp_path):
         assert_same_training(result, {**reference, "history": reference_tail})
 
 
-@pytest.mark.slow  # 60 s
+@pytest.mark.slow  # 65 s
 def test_workers_whose_newest_backups_differ_resume_together(tmp_path):
     backups = str(tmp_path / "backup")
     reference = _single("resume", str(tmp_path / "reference"), "single")
@@ -110,12 +113,18 @@ class _Strategy:
     """What `distribute` reads of a strategy: its cluster resolver."""
 
     def __init__(self, cluster, task_type, task_id):
-        self.cluster_resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
-            tf.train.ClusterSpec(cluster), task_type=task_type, task_id=task_id
+        self.cluster_resolver = (
+            tf.distribute.cluster_resolver.SimpleClusterResolver(
+                tf.train.ClusterSpec(cluster),
+                task_type=task_type,
+                task_id=task_id,
+            )
         )
 
 
-def test_only_the_chief_writes_where_the_chief_does(tmp_path):
+def test_only_the_chief_writes_where_the_chief_does(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    os.makedirs(tempfile.tempdir)
     workers = {"worker": ["localhost:1", "localhost:2"]}
     with_chief = {"chief": ["localhost:0"], **workers}
     path = str(tmp_path / "models")
@@ -130,12 +139,20 @@ def test_only_the_chief_writes_where_the_chief_does(tmp_path):
         assert distribute.is_chief(strategy) is chief
         assert distribute.worker_name(strategy) == name
         directory = distribute.worker_dir(path, strategy)
-        assert (directory == path) is chief
-        if not chief:
-            assert name in directory and not directory.startswith(path)
-            os.makedirs(directory)
-            distribute.remove_worker_dir(path, strategy)
-            assert not os.path.exists(directory)
+        if chief:
+            assert directory == path
+            continue
+        # A new directory of the worker's own, the same for the same path
+        # (relative or not), removed whole.
+        assert os.path.isdir(directory)
+        assert os.path.dirname(directory) == tempfile.tempdir
+        assert f"keras_rnp-{name}-" in directory
+        relative = os.path.relpath(path)
+        assert distribute.worker_dir(relative, strategy) == directory
+        open(os.path.join(directory, "model.keras"), "w").close()
+        distribute.remove_worker_dir(relative, strategy)
+        assert not os.path.exists(directory)
+    assert os.listdir(tempfile.tempdir) == []
     # Outside a cluster the collective helpers are local.
     assert distribute.gather(3) == [3]
     distribute.barrier()
@@ -161,15 +178,31 @@ def test_multi_worker_model_refuses_what_it_cannot_view():
 
 
 def test_multi_worker_model_shares_the_weights():
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    view = distribute.multi_worker_model(model)
-    view.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
-    x, y = np.ones((4, 3), "float32"), np.zeros((4, 2), "float32")
-    before = model.predict(x, verbose=0)
-    view.fit(x, y, epochs=1, verbose=0)
-    after = model.predict(x, verbose=0)
-    np.testing.assert_allclose(view.predict(x, verbose=0), after)
-    assert not np.allclose(before, after)
+    # Under a strategy (MultiWorkerFit's own step functions) and without.
+    x = np.random.default_rng(0).normal(size=(6, 3)).astype("float32")
+    y = np.zeros((6, 2), "float32")
+    trained = []
+    for strategy in (
+        tf.distribute.get_strategy(),
+        tf.distribute.OneDeviceStrategy("/cpu:0"),
+    ):
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+            view = distribute.multi_worker_model(model)
+            view.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        before = model.predict(x, verbose=0)
+        history = view.fit(
+            x, y, batch_size=4, epochs=2, validation_data=(x, y), verbose=0
+        )
+        after = model.predict(x, verbose=0)
+        np.testing.assert_allclose(view.predict(x, verbose=0), after)
+        assert not np.allclose(before, after)
+        trained.append((after, history.history))
+    (plain, plain_logs), (mirrored, mirrored_logs) = trained
+    np.testing.assert_allclose(mirrored, plain, atol=1e-6)
+    for key, values in plain_logs.items():
+        np.testing.assert_allclose(mirrored_logs[key], values, rtol=1e-5)
 
 
 def _cifar_flags(data_dir, work_dir, strategy):
@@ -196,20 +229,25 @@ def _weights(path):
     return [np.asarray(w) for w in keras.saving.load_model(path).weights]
 
 
-@pytest.mark.slow  # 3 minutes
+@pytest.mark.slow  # 105 s
 def test_cifar_script_on_two_workers(tmp_path):
     from test_datasets import make_image_folder
 
     data_dir = make_image_folder(tmp_path / "data", classes=3, train=16)
     script = os.path.join(os.path.dirname(HERE), "examples", "cifar.py")
     work = tmp_path / "workers"
+    temporary = tmp_path / "tmp"  # The workers' temporary directories.
+    temporary.mkdir()
     workers = run_workers(
         lambda index, ports: [
             sys.executable,
             script,
             *_cifar_flags(data_dir, work, "multi_worker"),
         ],
-        env=lambda index, ports: {"TF_CONFIG": tf_config(index, ports)},
+        env=lambda index, ports: {
+            "TF_CONFIG": tf_config(index, ports),
+            "TMPDIR": str(temporary),
+        },
     )
     for worker in workers:
         assert worker.returncode == 0, worker.stderr[-3000:]
@@ -249,8 +287,8 @@ def test_cifar_script_on_two_workers(tmp_path):
         assert f".{workers[0].pid}." in name
         assert f".{workers[1].pid}." not in name
     assert "== evaluate: the chief's ==" in workers[1].stdout
-    other = _Strategy({"worker": ["a:1", "b:2"]}, "worker", 1)
-    assert not os.path.exists(distribute.worker_dir(str(work), other))
+    # Worker 1's temporary directory (its models, logs) is gone.
+    assert not [n for n in os.listdir(temporary) if n.startswith("keras_rnp")]
 
 
 def test_one_step_per_call_under_a_strategy():

@@ -232,7 +232,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     assert int(final.step_counter.numpy()) == 60 * steps_per_epoch
 
 
-@pytest.mark.slow  # About 4 minutes.
+@pytest.mark.slow  # About 2.5 minutes.
 def test_kills_at_random_points_and_torn_backups_never_stop_a_rerun(tmp_path):
     """SIGKILL the quickstart at random moments (in the backbone's
     training, its save, RNP's epochs or a backup's write), tear every file
@@ -253,15 +253,17 @@ def test_kills_at_random_points_and_torn_backups_never_stop_a_rerun(tmp_path):
     ]
     env = {**os.environ, "PYTHONPATH": ROOT}
     rng = random.Random(0)
-    torn = 0
+    torn_before = []  # Runs that start on a torn newest backup.
     for kill in range(5):
         with open(tmp_path / f"run{kill}.log", "w") as log:
             process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, env=env
             )
             time.sleep(rng.uniform(6, 30))
-            if process.poll() is not None:  # Ended before the kill.
-                break
+            # Still training (not ended, not stopped by an error).
+            assert process.poll() is None, (
+                tmp_path / f"run{kill}.log"
+            ).read_text()[-2000:]
             process.send_signal(signal.SIGKILL)
             process.wait()
         if kill % 2:
@@ -272,19 +274,16 @@ def test_kills_at_random_points_and_torn_backups_never_stop_a_rerun(tmp_path):
                 for path in newest[:1]:
                     for name in os.listdir(path):
                         tear(os.path.join(path, name))
-                        torn += 1
-    with open(tmp_path / f"run{kill}.log") as log:
-        assert process.returncode in (0, -signal.SIGKILL), log.read()[-2000:]
-    assert kill == 4 and torn > 0  # Every run was killed; files torn.
+                    torn_before.append(kill + 1)
+    assert torn_before  # Something was torn.
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=900, env=env
     )
     assert result.returncode == 0, result.stderr[-2000:]
     logs = [(tmp_path / f"run{k}.log").read_text() for k in range(5)]
-    # The runs resumed (none started RNP over) and read past torn files.
-    assert "Epoch 1/150" in logs[0]
-    for out in logs[1:] + [result.stdout]:
-        assert "Epoch 1/150" not in out
-    assert any("resuming from the previous backup" in out for out in logs)
+    logs.append(result.stdout + result.stderr)
+    # Each run after a tear read past the torn backup, and said so.
+    for run in torn_before:
+        assert "BackupAndRestore: " in logs[run], run
     final = keras.saving.load_model(tmp_path / "rnp.keras")
     assert int(final.step_counter.numpy()) == 150 * 22  # 22 steps an epoch.
