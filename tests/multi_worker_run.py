@@ -5,7 +5,8 @@ test_multi_worker.py.
     multi_worker_run.py parity (single | <index> <port0>,<port1>)
     multi_worker_run.py resume <backup_dir> (single | <index> <ports>)
 
-`resume` trains 4 epochs with `keras_rnp.callbacks.BackupAndRestore`; with
+`resume` trains 4 epochs with `keras_rnp.callbacks.BackupAndRestore` and
+saves the model as `<backup_dir>-rnp.keras` (the chief); with
 KILL_AT=<epoch>,<batch> in the environment the process SIGKILLs itself
 when that batch of that epoch begins.
 """
@@ -65,7 +66,9 @@ def main():
     ]
     if os.environ.get("KILL_AT"):
         callbacks.append(KillAt(*map(int, os.environ["KILL_AT"].split(","))))
-    _, rnp = train_rnp(strategy, epochs=4, callbacks=callbacks)
+    model, rnp = train_rnp(strategy, epochs=4, callbacks=callbacks)
+    if keras_rnp.distribute.is_chief(strategy):  # Written whole or not.
+        model.save(BACKUP_DIR.rstrip(os.sep) + "-rnp.keras")
     keras_rnp.distribute.barrier(strategy)
     json.dump(rnp, sys.stdout)
 
