@@ -13,7 +13,6 @@ import warnings
 import keras
 import tensorflow as tf
 
-from keras_rnp import distribute
 from keras_rnp import execution
 from keras_rnp import q_learning
 from keras_rnp.policy import linearly_decaying_epsilon
@@ -150,10 +149,9 @@ class RNPTrainer:
             self.train_function is not None and not force
         ):
             return super().make_train_function(force)
-        self._check_one_step_per_execution()
         functions = {
-            phase: distribute.step_function(
-                self, functools.partial(self._train_step, phase=phase)
+            phase: self._step_function(
+                functools.partial(self._train_step, phase=phase)
             )
             for phase in PHASES
         }
