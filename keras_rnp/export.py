@@ -194,13 +194,23 @@ def export_saved_model(rnp, path, version=1, overwrite=False):
             "Expected a new version directory (or overwrite=True). Received: "
             f"path={target!r}, which exists."
         )
-    archive = keras.export.ExportArchive()
-    archive.track(rnp)
-    for name, (function, signature) in _signatures(rnp).items():
-        archive.add_endpoint(name, function, input_signature=signature)
-    with atomic_path(target, is_dir=True) as staging:
-        archive.write_out(staging, verbose=False)
+    with _contiguous_head_rows(rnp):
+        archive = keras.export.ExportArchive()
+        archive.track(rnp)
+        for name, (function, signature) in _signatures(rnp).items():
+            archive.add_endpoint(name, function, input_signature=signature)
+        with atomic_path(target, is_dir=True) as staging:
+            archive.write_out(staging, verbose=False)
     return target
+
+
+def _contiguous_head_rows(rnp):
+    """A chain's Flatten head reads its dense rows from a group-major copy
+    (`GatedHead.rows_by_group`) in the traced graph."""
+    head = getattr(rnp.plan, "head", None)
+    if head is None:
+        return contextlib.nullcontext()
+    return head.rows_by_group(rnp.groups)
 
 
 def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):

@@ -297,6 +297,22 @@ def test_flatten_head_and_softmax_output_export(tmp_path):
     np.testing.assert_allclose(
         rnp.run(x, actions=actions)["logits"], masked, atol=1e-5
     )
+    # The exported head reads its rows from a group-major copy
+    # (GatedHead.rows_by_group): mixed actions, and each action at batch 1.
+    loaded = tf.saved_model.load(path)
+    forced = loaded.signatures["serving_actions"]
+    captured = [v.name for v in forced.variables]
+    assert any("rows_by_group" in name for name in captured), captured
+    for images, taken in [(x, actions), (x[:1], [[1]]), (x[:1], [[2]])]:
+        out = forced(
+            images=tf.constant(images),
+            forced_actions=tf.constant(taken, tf.int32),
+        )
+        np.testing.assert_allclose(
+            out["probabilities"],
+            rnp.run(images, actions=np.array(taken))["logits"],
+            atol=1e-6,
+        )
 
 
 @pytest.fixture(scope="module")

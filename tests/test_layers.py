@@ -119,6 +119,44 @@ def test_gated_head_sliced_equals_zero_padded_full_head(reducer):
     )
 
 
+def test_gated_head_rows_by_group_are_a_contiguous_prefix():
+    keras.utils.set_random_seed(0)
+    layers = [L.Flatten(), L.Dense(3)]
+    model = keras.Sequential([keras.Input((2, 3, 8)), *layers])
+    head = GatedHead(model.layers, in_channels=8)
+    kernel = model.layers[1].kernel.numpy()  # rows: (h, w, c) flattened
+    y = np.random.default_rng(3).normal(size=(5, 2, 3, 8)).astype("float32")
+    with head.rows_by_group(groups=4):
+        copy, size = head._rows_by_group
+        assert size == 2
+        for active in (2, 4, 6, 8):
+            # The first `active` channels' rows, group by group.
+            rows = [
+                h * 3 * 8 + w * 8 + g * 2 + c
+                for g in range(active // 2)
+                for h in range(2)
+                for w in range(3)
+                for c in range(2)
+            ]
+            np.testing.assert_array_equal(
+                copy.numpy()[: len(rows)], kernel[rows]
+            )
+            padded = y.copy()
+            padded[..., active:] = 0
+            sliced = head.call_sliced(tf.constant(y[..., :active]), active)
+            np.testing.assert_allclose(
+                sliced, model(padded), rtol=1e-5, atol=1e-5
+            )
+    assert head._rows_by_group is None
+    # Outside the block, the strided rows of the layer's own kernel.
+    np.testing.assert_allclose(
+        head.call_sliced(tf.constant(y[..., :4]), 4),
+        model(np.concatenate([y[..., :4], 0 * y[..., 4:]], axis=-1)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
 def test_wrap_builds_gated_conv2d_units_around_the_backbones_layers():
     rnp = keras_rnp.wrap(small_cnn(), groups=4)
     units = rnp.plan.units

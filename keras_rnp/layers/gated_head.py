@@ -1,6 +1,8 @@
 """GatedHead: a classifier head that reads only the channels kept by the
 last gated unit."""
 
+import contextlib
+
 import keras
 import tensorflow as tf
 
@@ -43,6 +45,8 @@ class GatedHead(keras.layers.Layer):
             )
         self.head_layers = layers
         self.in_channels = int(in_channels)
+        # Set by `rows_by_group` for exports: `(kernel, group_size)`.
+        self._rows_by_group = None
         self.built = all(layer.built for layer in layers)
 
     @property
@@ -62,12 +66,49 @@ class GatedHead(keras.layers.Layer):
             x = layer(x, training=training)
         return x
 
+    @contextlib.contextmanager
+    def rows_by_group(self, groups):
+        """Within the block, `call_sliced` after a Flatten reads the first
+        dense layer's rows from a copy ordered channel group by channel
+        group, so that the rows of the first `a` groups are one contiguous
+        prefix: a slice that copies nothing.
+
+        Flatten orders a kernel's rows by position, then channel, so the
+        rows of the active channels are strided: a slice of them is a copy
+        (for VGG-16's first dense layer, a quarter of 102M weights per call
+        at one group of four). The copy is made once, when the block is
+        entered, from the current weights; exports use it. Does nothing
+        for a head without a Flatten-fed dense layer.
+
+        Args:
+            groups: the last gated unit's channel groups.
+        """
+        index = self.gated_dense_index
+        if index is None or not isinstance(self.head_layers[0], _L.Flatten):
+            yield
+            return
+        dense = self.head_layers[index]
+        height, width = self.head_layers[0].input.shape[1:3]
+        size = self.in_channels // groups
+        kernel = keras.ops.convert_to_numpy(dense.kernel)
+        kernel = kernel.reshape(height, width, groups, size, dense.units)
+        kernel = kernel.transpose(2, 0, 1, 3, 4).reshape(-1, dense.units)
+        variable = tf.Variable(
+            kernel, trainable=False, name=f"{dense.name}_rows_by_group"
+        )
+        self._rows_by_group = (variable, size)
+        try:
+            yield
+        finally:
+            self._rows_by_group = None
+
     def call_sliced(self, y, active):
         """The head on the last unit's `active` computed channels.
 
         The first dense layer reads only the rows of its kernel that belong
-        to those channels. Where no dense layer reads the gated channels
-        directly, the channels are padded back with zeros instead.
+        to those channels (within `rows_by_group`, a contiguous prefix of a
+        copy). Where no dense layer reads the gated channels directly, the
+        channels are padded back with zeros instead.
         """
         index = self.gated_dense_index
         full = self.in_channels
@@ -78,7 +119,16 @@ class GatedHead(keras.layers.Layer):
         dense = self.head_layers[index]
         rest = self.head_layers[index + 1 :]
         kernel = dense.kernel
-        if isinstance(reducer, _L.Flatten):
+        if isinstance(reducer, _L.Flatten) and self._rows_by_group:
+            kernel, size = self._rows_by_group
+            height, width = y.shape[1:3]
+            # The activations in the copy's order: group, position,
+            # channel within the group.
+            y = tf.reshape(y, [-1, height, width, active // size, size])
+            y = tf.transpose(y, [0, 3, 1, 2, 4])
+            y = tf.reshape(y, [-1, height * width * active])
+            kernel = kernel[: height * width * active]
+        elif isinstance(reducer, _L.Flatten):
             height, width = y.shape[1:3]
             y = tf.reshape(y, [-1, height * width * active])
             if not isinstance(active, int) or active < full:
