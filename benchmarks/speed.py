@@ -7,7 +7,11 @@ in four runtimes: Keras (`rnp.run`, a compiled tf.function), the exported
 SavedModel (`serving_actions` signature), onnxruntime (the forced-actions
 ONNX export) and the LiteRT interpreter with XNNPACK (the forced-actions
 LiteRT export); the plain backbone runs in the same runtime each time.
-Random weights: speed does not depend on them.
+Random weights: speed does not depend on them. Each uniform setting below
+the full width also times the static network of the same widths (L1
+pruning), in the same loop: what a network that narrow costs in the
+runtime, so the gap between it and RNP is what the decisions and the
+run-time slices cost.
 
     python benchmarks/speed.py --models=cifar4 --repeats=7
     python benchmarks/speed.py --models=vgg16 --batches=1
@@ -36,6 +40,7 @@ import tensorflow as tf  # noqa: E402
 import keras_rnp  # noqa: E402
 from keras_rnp import backbones  # noqa: E402
 from keras_rnp import io_utils  # noqa: E402
+from keras_rnp.static_pruning import l1_prune  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["cifar4", "vgg16"], "Networks to time.")
@@ -66,52 +71,56 @@ MODELS = {
 }
 
 
-def median_times(first, second, repeats):
-    """Median wall times of `first()` and `second()`, run alternately
-    `repeats` times each after one warm-up run of each, so that both see
-    the same machine load."""
-    first(), second()
-    times = ([], [])
+def median_times(functions, repeats):
+    """Median wall time of each function, run in turn `repeats` times
+    after one warm-up run of each, so that all see the same machine
+    load."""
+    for function in functions:
+        function()
+    times = [[] for _ in functions]
     for _ in range(repeats):
-        for function, measured in zip((first, second), times, strict=True):
+        for function, measured in zip(functions, times, strict=True):
             start = time.perf_counter()
             function()
             measured.append(time.perf_counter() - start)
-    return float(np.median(times[0])), float(np.median(times[1]))
+    return [float(np.median(t)) for t in times]
 
 
 class Runtimes:
-    """Callables `(images, actions) -> None` for the plain backbone and the
-    RNP model, in each runtime."""
+    """For each runtime, a function that makes a Keras model's callable
+    `run(images)` in that runtime, and the RNP model's `run(images,
+    actions)` there."""
 
-    def __init__(self, backbone, rnp, workdir):
-        self.backbone, self.rnp, self.workdir = backbone, rnp, workdir
+    def __init__(self, rnp, workdir):
+        self.rnp, self.workdir = rnp, workdir
+        self.loaded = []  # Loaded SavedModels' functions need their objects.
+
+    def _path(self, name):
+        return os.path.join(self.workdir, f"{name}_{len(self.loaded)}")
 
     def keras(self):
-        plain = tf.function(lambda x: self.backbone(x, training=False))
-
-        def run_plain(x, actions):
-            plain(x).numpy()
+        def plain(model):
+            function = tf.function(lambda x: model(x, training=False))
+            return lambda x: function(x).numpy()
 
         def run_rnp(x, actions):
             self.rnp.run(x, actions=actions)["logits"].numpy()
 
-        return run_plain, run_rnp
+        return plain, run_rnp
 
     def saved_model(self):
-        plain_path = os.path.join(self.workdir, "plain_saved_model")
-        self.backbone.export(plain_path, format="tf_saved_model", verbose=0)
-        # Keep the loaded objects: their functions reference their variables.
-        self.loaded = [tf.saved_model.load(plain_path)]
-        plain = self.loaded[0].serve
+        def plain(model):
+            path = self._path("plain_saved_model")
+            model.export(path, format="tf_saved_model", verbose=0)
+            self.loaded.append(tf.saved_model.load(path))
+            serve = self.loaded[-1].serve
+            return lambda x: serve(tf.constant(x)).numpy()
+
         path = keras_rnp.export_saved_model(
             self.rnp, os.path.join(self.workdir, "rnp_saved_model")
         )
         self.loaded.append(tf.saved_model.load(path))
-        forced = self.loaded[1].signatures["serving_actions"]
-
-        def run_plain(x, actions):
-            plain(tf.constant(x)).numpy()
+        forced = self.loaded[-1].signatures["serving_actions"]
 
         def run_rnp(x, actions):
             out = forced(
@@ -120,7 +129,7 @@ class Runtimes:
             )
             out["logits"].numpy()
 
-        return run_plain, run_rnp
+        return plain, run_rnp
 
     def onnx(self):
         import onnxruntime as ort
@@ -128,31 +137,31 @@ class Runtimes:
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        spec = tf.TensorSpec(
-            self.backbone.inputs[0].shape, tf.float32, name="images"
-        )
-        plain_path = os.path.join(self.workdir, "plain.onnx")
-        # As export_onnx does: no copy of the graph per optimizer pass
-        # (without it, VGG-16's plain export ran out of 24 GB).
-        os.environ["TF2ONNX_CATCH_ERRORS"] = "FALSE"
-        tf2onnx.convert.from_function(
-            tf.function(lambda images: self.backbone(images, training=False)),
-            input_signature=[spec],
-            opset=17,
-            output_path=plain_path,
-        )
-        plain = ort.InferenceSession(
-            plain_path, options, providers=["CPUExecutionProvider"]
-        )
+
+        def plain(model):
+            spec = tf.TensorSpec(model.inputs[0].shape, tf.float32, "images")
+            path = self._path("plain") + ".onnx"
+            self.loaded.append(path)
+            # As export_onnx does: no copy of the graph per optimizer pass
+            # (without it, VGG-16's plain export ran out of 24 GB).
+            os.environ["TF2ONNX_CATCH_ERRORS"] = "FALSE"
+            tf2onnx.convert.from_function(
+                tf.function(lambda images: model(images, training=False)),
+                input_signature=[spec],
+                opset=17,
+                output_path=path,
+            )
+            session = ort.InferenceSession(
+                path, options, providers=["CPUExecutionProvider"]
+            )
+            name = session.get_inputs()[0].name
+            return lambda x: session.run(None, {name: x})
+
         path = os.path.join(self.workdir, "rnp.onnx")
         keras_rnp.export_onnx(self.rnp, path, forced_actions=True)
         forced = ort.InferenceSession(
             path, options, providers=["CPUExecutionProvider"]
         )
-        plain_input = plain.get_inputs()[0].name
-
-        def run_plain(x, actions):
-            plain.run(None, {plain_input: x})
 
         def run_rnp(x, actions):
             forced.run(
@@ -160,32 +169,41 @@ class Runtimes:
                 {"images": x, "forced_actions": actions.astype(np.int32)},
             )
 
-        return run_plain, run_rnp
+        return plain, run_rnp
 
     def litert(self):
         from ai_edge_litert.interpreter import Interpreter
 
-        # The plain backbone through the same converter, builtin ops.
-        converter = tf.lite.TFLiteConverter.from_keras_model(self.backbone)
-        plain_path = os.path.join(self.workdir, "plain.tflite")
-        with open(plain_path, "wb") as f:
-            f.write(converter.convert())
+        def plain(model):
+            # The same converter for the plain networks, builtin ops.
+            converter = tf.lite.TFLiteConverter.from_keras_model(model)
+            path = self._path("plain") + ".tflite"
+            self.loaded.append(path)
+            with open(path, "wb") as f:
+                f.write(converter.convert())
+            # XNNPACK is the interpreter's default delegate on CPU.
+            runner = Interpreter(model_path=path).get_signature_runner()
+            name = next(iter(runner.get_input_details()))
+            return lambda x: runner(**{name: x})
+
         path = os.path.join(self.workdir, "rnp.tflite")
         keras_rnp.export_litert(self.rnp, path, forced_actions=True)
-        # XNNPACK is the interpreter's default delegate on CPU.
-        plain = Interpreter(model_path=plain_path).get_signature_runner()
-        plain_input = next(iter(plain.get_input_details()))
         forced = Interpreter(model_path=path).get_signature_runner(
             "serving_actions"
         )
 
-        def run_plain(x, actions):
-            plain(**{plain_input: x})
-
         def run_rnp(x, actions):
             forced(images=x, forced_actions=actions.astype(np.int32))
 
-        return run_plain, run_rnp
+        return plain, run_rnp
+
+
+def same_widths(backbone, rnp, a):
+    """The static network of the widths action `a` computes everywhere:
+    each gated convolution keeps `a` of its groups (L1 pruning; speed does
+    not depend on which filters). What a network of those widths costs in
+    a runtime, without RNP's decisions and run-time slices."""
+    return l1_prune(backbone, keep=a / rnp.groups, prune_first=rnp.gate_first)
 
 
 def benchmark_model(name, batches, runtimes, groups, repeats, seed):
@@ -196,57 +214,79 @@ def benchmark_model(name, batches, runtimes, groups, repeats, seed):
     rng = np.random.default_rng(seed)
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
-        factory = Runtimes(backbone, rnp, workdir)
+        factory = Runtimes(rnp, workdir)
         for runtime in runtimes:
             print(f"[{name}] preparing {runtime}...", flush=True)
-            run_plain, run_rnp = getattr(factory, runtime)()
+            plain, run_rnp = getattr(factory, runtime)()
+            run_plain = plain(backbone)
+            static = {
+                a: plain(same_widths(backbone, rnp, a))
+                for a in range(1, groups)
+            }
             for batch in batches:
                 shape = (batch, *backbone.inputs[0].shape[1:])
                 x = rng.normal(size=shape).astype("float32")
                 settings = [
-                    (f"a={a}", np.full((batch, steps), a))
+                    (f"a={a}", np.full((batch, steps), a), static.get(a))
                     for a in range(1, groups + 1)
                 ]
                 if batch > 1:
                     mixed = rng.integers(1, groups + 1, size=(batch, steps))
-                    settings.append(("mixed", mixed))
-                for label, actions in settings:
+                    settings.append(("mixed", mixed, None))
+                for label, actions, run_static in settings:
                     flops = rnp.run(x, actions=actions)["flops"].numpy()
-                    plain_time, rnp_time = median_times(
-                        lambda x=x, run=run_plain: run(x, None),
+                    functions = [
+                        lambda x=x, run=run_plain: run(x),
                         lambda x=x, a=actions, run=run_rnp: run(x, a),
-                        repeats,
-                    )
+                    ]
+                    if run_static is not None:
+                        functions.append(lambda x=x, run=run_static: run(x))
+                    times = median_times(functions, repeats)
                     row = {
                         "model": name,
                         "runtime": runtime,
                         "batch": batch,
                         "actions": label,
-                        "plain_seconds": plain_time,
-                        "rnp_seconds": rnp_time,
+                        "plain_seconds": times[0],
+                        "rnp_seconds": times[1],
                         "flops_speedup": rnp.full_flops / float(flops.mean()),
-                        "time_speedup": plain_time / rnp_time,
+                        "time_speedup": times[0] / times[1],
+                        # The same widths as a static network (uniform
+                        # actions below the full width only).
+                        "static_seconds": None,
+                        "static_time_speedup": None,
                     }
                     row["efficiency"] = (
                         row["time_speedup"] / row["flops_speedup"]
                     )
+                    if run_static is not None:
+                        row["static_seconds"] = times[2]
+                        row["static_time_speedup"] = times[0] / times[2]
                     rows.append(row)
                     print(format_row(row), flush=True)
     return rows
 
 
 def format_row(row):
+    static = "-"
+    if row["static_seconds"] is not None:
+        static = (
+            f"{row['static_seconds'] * 1e3:.2f} "
+            f"({row['static_time_speedup']:.2f}x)"
+        )
     return (
         f"{row['model']:<7} {row['runtime']:<12} {row['batch']:>5} "
         f"{row['actions']:<6} {row['plain_seconds'] * 1e3:>10.2f} "
         f"{row['rnp_seconds'] * 1e3:>10.2f} {row['flops_speedup']:>7.2f}x "
-        f"{row['time_speedup']:>7.2f}x {row['efficiency']:>6.2f}"
+        f"{row['time_speedup']:>7.2f}x {row['efficiency']:>6.2f} "
+        f"{static:>18}"
     )
 
 
 HEADER = (
     f"{'model':<7} {'runtime':<12} {'batch':>5} {'acts':<6} "
-    f"{'plain ms':>10} {'rnp ms':>10} {'FLOPs':>8} {'time':>8} {'eff':>6}"
+    f"{'plain ms':>10} {'rnp ms':>10} {'FLOPs':>8} {'time':>8} {'eff':>6} "
+    f"{'static same widths':>18}"
 )
 
 
