@@ -9,13 +9,22 @@
   present, each running one smaller convolution on exactly its channels
   (its slice also chosen at run time), and the results are merged back in
   order. The graph holds one convolution per unit and branch.
-- `SLICED_ONNX` (inference for tf2onnx): no control flow, and every
-  weight a constant stored once (onnxruntime's fast convolutions need
-  constant weights: a kernel sliced at run time ran 8.3x slower at batch
-  1, `benchmarks/onnx_weights.py`). Each gated kernel is cut into `k x k`
-  blocks (input group by output group); a block runs on exactly the
-  images whose actions include it, gathered and added back in place
-  (`GatedConv2D.call_blocks`, `GatedHead.call_blocks`).
+- `SLICED_BLOCKS` (inference for graphs without control flow whose
+  weights must be constants: LiteRT). Each gated kernel is cut into
+  `k x k` blocks (input group by output group); a block runs on exactly
+  the images whose actions include it, gathered and added back in place
+  (`GatedConv2D.call_blocks`, `GatedHead.call_blocks`). Every weight is
+  stored once.
+- `SLICED_ONNX` (inference for tf2onnx and onnxruntime, whose fast
+  convolutions need constant weights: a kernel sliced at run time ran 8.3x
+  slower at batch 1, `benchmarks/onnx_weights.py`): the blocks of
+  `SLICED_BLOCKS` for mixed batches; a batch whose images all took one
+  action after one input width (always so at batch 1) runs one
+  convolution on the kernel prefix it needs, chosen by a tree of
+  branches. Exported with the kernels as graph inputs
+  (`keras_rnp.layers.gated_conv2d.given_kernels`), each is stored once and
+  its blocks and prefixes are slices that onnxruntime folds into constant
+  weights when it loads the model.
 
 A residual network (`keras_rnp.residual_planner.ResidualPlan`) runs its
 stream layers at full width and each gated block in the same three modes,
@@ -30,8 +39,10 @@ from keras_rnp.residual_planner import ResidualPlan
 
 MASKED = "masked"
 SLICED = "sliced"
+SLICED_BLOCKS = "sliced_blocks"
 SLICED_ONNX = "sliced_onnx"
-MODES = (MASKED, SLICED, SLICED_ONNX)
+MODES = (MASKED, SLICED, SLICED_BLOCKS, SLICED_ONNX)
+BLOCK_MODES = (SLICED_BLOCKS, SLICED_ONNX)
 
 
 def forward(
@@ -51,7 +62,7 @@ def forward(
         images: `[B, H, W, C]` float tensor.
         choose: `choose(t, q_values) -> [B] int32 actions` for gated layer
             `t`, given its `[B, k]` Q-values (see `keras_rnp.policy`).
-        mode: `MASKED`, `SLICED` or `SLICED_ONNX`.
+        mode: `MASKED`, `SLICED`, `SLICED_BLOCKS` or `SLICED_ONNX`.
         training: passed to the backbone's layers (masked mode only).
         target_decision: a second decision network (DQN's target network)
             to step on the same states, or None.
@@ -118,8 +129,8 @@ def _forward_residual(plan, decide, images, mode, training):
         action = decide(x)
         if mode == MASKED:
             y = block.call_masked(x, action, training=training)
-        elif mode == SLICED_ONNX:
-            y = block.call_blocks(x, action)
+        elif mode in BLOCK_MODES:
+            y = block.call_blocks(x, action, uniform_branch=mode == SLICED_ONNX)
         else:
             y = _by_group(
                 x,
@@ -147,8 +158,13 @@ def _forward_chain(plan, decide, images, mode, training):
             x = unit.call_masked(
                 x, action, previous_action=previous, training=training
             )
-        elif mode == SLICED_ONNX:
-            groups = unit.call_blocks(x, action, previous_action=previous)
+        elif mode in BLOCK_MODES:
+            groups = unit.call_blocks(
+                x,
+                action,
+                previous_action=previous,
+                uniform_branch=mode == SLICED_ONNX,
+            )
             if t == last:
                 x = plan.head.call_blocks(groups, action)
             else:

@@ -32,8 +32,8 @@ def _signatures(rnp, mode=execution.SLICED):
     """The exported functions: `{name: (function, input_signature)}`.
 
     `mode` is `execution.SLICED` for a SavedModel (checks that raise, empty
-    batches skipped with `tf.cond`) or `execution.SLICED_ONNX` (no control
-    flow and no errors, which ONNX cannot express).
+    batches skipped with `tf.cond`), `execution.SLICED_ONNX` or
+    `SLICED_BLOCKS` (no errors, which ONNX and LiteRT cannot express).
 
     - `serving_default(images)`: greedy decisions.
     - `serving_budget(images, budget)`: decisions under a budget.
@@ -225,11 +225,16 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
     and `flops` (float32 `[N]`), as in `export_saved_model`.
 
     The graph computes only the active channel groups of each gated
-    convolution, and stores every weight once: each gated kernel is cut
-    into `k x k` constant blocks (input group by output group), and a
-    block runs on exactly the images whose actions include it (gathered,
-    then added back in place). There is no control flow; onnxruntime gets
-    constant weights, which its fast convolutions need. The write is
+    convolution, and stores every weight once. A batch whose images all
+    took one action at a gated convolution (always so at batch 1) runs one
+    convolution on the kernel prefix it needs, chosen by a tree of `If`
+    nodes; a mixed batch runs the kernel as `k x k` blocks (input group by
+    output group), each on exactly the images whose actions include it
+    (gathered, then added back in place). The prefixes and blocks are
+    `Slice` nodes of the stored kernel, which onnxruntime folds into
+    constant weights (which its fast convolutions need) when it creates a
+    session: in memory, a session holds each gated kernel about
+    `1 + (1 + 2 + ... + k)^2 / k^2` times (7.25 at 4 groups). The write is
     atomic.
 
     ONNX graphs cannot raise errors: where the SavedModel refuses a
@@ -257,7 +262,6 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
         `path`.
     """
     import onnx
-    import tf2onnx
 
     _check_model(rnp)
     check_opset(opset)
@@ -277,14 +281,12 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
     name = "serving_actions" if forced_actions else "serving_budget"
     function, signature = _signatures(rnp, execution.SLICED_ONNX)[name]
     function = tf.function(function, input_signature=signature)
+    concrete = function.get_concrete_function()
     with _tf2onnx_optimizer_without_copies():
-        model_proto, _ = tf2onnx.convert.from_function(
-            function, input_signature=signature, opset=opset
-        )
-    _inline_captured_constants(
-        model_proto, function.get_concrete_function(), len(signature)
-    )
+        model_proto = _convert_with_weights_as_inputs(concrete, opset)
+    _inline_captured_constants(model_proto, concrete, len(signature))
     _name_inputs(model_proto, [spec.name for spec in signature])
+    _share_branch_initializers(model_proto)
     second = FORCED_ACTIONS_DOC if forced_actions else BUDGET_DOC
     model_proto.doc_string = (
         f"keras_rnp RNP model ({rnp.num_gated_layers} gated layers, "
@@ -342,7 +344,7 @@ def export_litert(rnp, path, overwrite=True, forced_actions=False):
             f"path={os.fspath(path)!r}, which exists."
         )
     names = ["serving_actions"] if forced_actions else list(LITERT_SIGNATURES)
-    signatures = _signatures(rnp, execution.SLICED_ONNX)
+    signatures = _signatures(rnp, execution.SLICED_BLOCKS)
     with tempfile.TemporaryDirectory() as saved_model:
         # Through a SavedModel: the converter freezes its variables into
         # constants (a concrete function would keep resource variables).
@@ -414,6 +416,150 @@ def check_opset(opset):
         )
 
 
+# Constants at least this large (elements) leave tf2onnx's hands (see
+# `_convert_with_weights_as_inputs`).
+_LIFTED_SIZE = 1024
+
+
+def _convert_with_weights_as_inputs(concrete, opset):
+    """Converts a concrete function to ONNX with its weights as inputs while
+    tf2onnx works, initializers afterwards.
+
+    Frozen, a model's weights are constants, which tf2onnx folds: every
+    slice of a gated kernel (`GatedConv2D.call_blocks`' blocks and kernel
+    prefixes) would become a constant of its own, each kernel stored
+    several times, and tf2onnx's passes over the constants of VGG-16 took
+    about 20 GB. So each float constant of the frozen graph with at least
+    `_LIFTED_SIZE` elements becomes a placeholder for the conversion and an
+    initializer of the ONNX graph afterwards, stored once; onnxruntime
+    folds the slices and transposes of it into constant weights when it
+    loads the model.
+    """
+    import tf2onnx
+
+    lifted = _variables_as_placeholders(concrete)
+    if lifted is None:
+        graph_def, lifted = _frozen_with_large_constants_as_placeholders(
+            concrete
+        )
+    else:
+        graph_def, lifted = lifted
+    inputs = [t.name for t in concrete.inputs if t.dtype != tf.resource]
+    outputs = [t.name for t in concrete.outputs if t.dtype != tf.resource]
+    renames = tf2onnx.convert.tensor_names_from_structed(
+        concrete, inputs, outputs
+    )
+    lifted = {f"{name}:0": value for name, value in lifted.items()}
+    model_proto, _ = tf2onnx.convert.from_graph_def(
+        graph_def,
+        name=concrete.name,
+        input_names=inputs + list(lifted),
+        output_names=outputs,
+        opset=opset,
+        tensors_to_rename=renames,
+    )
+    _inline_inputs(model_proto, lifted)
+    return model_proto
+
+
+def _variables_as_placeholders(concrete):
+    """The function's graph with a placeholder in place of each variable it
+    reads, and `{placeholder name: the variable's value}`; None if a
+    variable is read other than by a `ReadVariableOp` of the main graph
+    (inside a `tf.cond` branch, say).
+
+    Nothing is frozen, so no copy of the weights passes through TensorFlow
+    or tf2onnx: the values are read once, for the ONNX initializers.
+    """
+    graph_def = concrete.graph.as_graph_def(add_shapes=True)
+    for function in graph_def.library.function:
+        if any(arg.type == tf.resource for arg in function.signature.input_arg):
+            return None
+    handles = {
+        placeholder.op.name: value
+        for value, placeholder in concrete.graph.captures
+        if placeholder.dtype == tf.resource
+    }
+    readers = [
+        node for node in graph_def.node if handles.keys() & set(node.input)
+    ]
+    if any(node.op != "ReadVariableOp" for node in readers):
+        return None
+    lifted, nodes = {}, []
+    for node in graph_def.node:
+        if node.name not in handles:
+            nodes.append(node)
+            continue
+        # The resource becomes a placeholder of its value, once however
+        # often it is read; each read an identity of it.
+        reads = [r for r in readers if r.input[0] == node.name]
+        if not reads:
+            continue
+        dtype = tf.dtypes.as_dtype(reads[0].attr["dtype"].type)
+        value = tf.raw_ops.ReadVariableOp(
+            resource=handles[node.name], dtype=dtype
+        )
+        lifted[node.name] = value.numpy()
+        node.op = "Placeholder"
+        node.ClearField("attr")
+        node.attr["dtype"].type = dtype.as_datatype_enum
+        node.attr["shape"].shape.CopyFrom(value.shape.as_proto())
+        nodes.append(node)
+        for read in reads:
+            read.op = "Identity"
+            read.ClearField("attr")
+            read.attr["T"].type = dtype.as_datatype_enum
+    del graph_def.node[:]
+    graph_def.node.extend(nodes)
+    return graph_def, lifted
+
+
+def _frozen_with_large_constants_as_placeholders(concrete):
+    """The function's frozen graph with each float constant of at least
+    `_LIFTED_SIZE` elements a placeholder, and `{placeholder name: value}`.
+    """
+    from tensorflow.python.framework import convert_to_constants
+
+    frozen = convert_to_constants.convert_variables_to_constants_v2(
+        concrete, lower_control_flow=False, aggressive_inlining=True
+    )
+    graph_def = frozen.graph.as_graph_def(add_shapes=True)
+    del frozen
+    lifted = {}
+    for node in graph_def.node:
+        if node.op != "Const":
+            continue
+        value = node.attr["value"].tensor
+        dtype = tf.dtypes.as_dtype(value.dtype)
+        elements = 1
+        for dim in value.tensor_shape.dim:
+            elements *= dim.size
+        if not dtype.is_floating or elements < _LIFTED_SIZE:
+            continue
+        lifted[node.name] = tf.make_ndarray(value)
+        shape = node.attr["value"].tensor.tensor_shape
+        node.op = "Placeholder"
+        node.ClearField("attr")
+        node.attr["dtype"].type = dtype.as_datatype_enum
+        node.attr["shape"].shape.CopyFrom(shape)
+    return graph_def, lifted
+
+
+def _inline_inputs(model_proto, values):
+    """Makes initializers of the graph inputs named in `values`
+    (`{name: array}`), holding those values."""
+    import onnx
+
+    graph = model_proto.graph
+    for graph_input in list(graph.input):
+        if graph_input.name in values:
+            value = values[graph_input.name]
+            graph.initializer.append(
+                onnx.numpy_helper.from_array(value, graph_input.name)
+            )
+            graph.input.remove(graph_input)
+
+
 def _inline_captured_constants(model_proto, concrete, count):
     """Makes initializers of the graph inputs after the first `count`:
     tf2onnx leaves the constant tensors a function captures (the mean and
@@ -440,6 +586,68 @@ def _inline_captured_constants(model_proto, concrete, count):
             )
         )
         graph.input.remove(graph_input)
+
+
+def _share_branch_initializers(model_proto):
+    """Stores each constant once: tf2onnx folds the constants of every
+    `If` branch on its own, so a kernel block that a gated unit's two
+    branches both read (`GatedConv2D.call_blocks`) would be stored once
+    per branch. Moves the branches' initializers to the main graph, one
+    per distinct value, where the branches read them (an outer-scope
+    value, as ONNX allows)."""
+    import hashlib
+
+    import onnx
+
+    main = model_proto.graph
+
+    def key(tensor):
+        value = onnx.numpy_helper.to_array(tensor)
+        digest = hashlib.sha256(value.tobytes()).hexdigest()
+        return tensor.data_type, tuple(tensor.dims), digest
+
+    names = {tensor.name for tensor in main.initializer}
+    shared = {key(tensor): tensor.name for tensor in main.initializer}
+
+    def subgraphs(graph):
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    yield attribute.g
+                yield from attribute.graphs
+
+    def rename(graph, renames):
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                node.input[i] = renames.get(name, name)
+        for sub in subgraphs(graph):
+            rename(sub, renames)
+
+    def hoist(graph):
+        outputs = {output.name for output in graph.output}
+        renames = {}
+        for tensor in list(graph.initializer):
+            if tensor.name in outputs:
+                continue
+            tensor_key = key(tensor)
+            if tensor_key not in shared:
+                name = tensor.name
+                while name in names:
+                    name += "_shared"
+                names.add(name)
+                shared[tensor_key] = name
+                moved = onnx.TensorProto()
+                moved.CopyFrom(tensor)
+                moved.name = name
+                main.initializer.append(moved)
+            renames[tensor.name] = shared[tensor_key]
+            graph.initializer.remove(tensor)
+        rename(graph, renames)
+        for sub in subgraphs(graph):
+            hoist(sub)
+
+    for sub in subgraphs(main):
+        hoist(sub)
 
 
 def _name_inputs(model_proto, names):

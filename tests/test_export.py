@@ -163,6 +163,64 @@ def test_forced_actions_in_both_exports(rnp, images, saved_model, tmp_path):
     )
     np.testing.assert_allclose(logits, expected["logits"], atol=1e-4)
     np.testing.assert_allclose(flops, expected["flops"], rtol=1e-6)
+    # Uniform batches take the ONNX graph's one-convolution branch; mixed
+    # previous actions with one action take the blocks.
+    mixed_previous = np.stack([actions[:, 0], np.full(9, 3)], axis=1)
+    for forced in [np.full((9, 2), a) for a in (1, 2, 4)] + [mixed_previous]:
+        logits, taken = session.run(
+            ["logits", "actions"],
+            {"images": images, "forced_actions": forced.astype(np.int32)},
+        )
+        np.testing.assert_array_equal(taken, forced)
+        np.testing.assert_allclose(
+            logits, rnp.run(images, actions=forced)["logits"], atol=1e-4
+        )
+
+
+def _executed_convolutions(session_path, feeds):
+    """The convolutions onnxruntime runs for one call, from its profile
+    (fused or not, in branches too)."""
+    import json
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(session_path) + "_profile"
+    session = ort.InferenceSession(
+        str(session_path), options, providers=["CPUExecutionProvider"]
+    )
+    session.run(None, feeds)
+    profile = session.end_profiling()
+    with open(profile) as f:
+        events = json.load(f)
+    os.remove(profile)
+    return [
+        e["name"]
+        for e in events
+        if e.get("cat") == "Node"
+        and e["name"].endswith("_kernel_time")
+        and "Conv" in e["args"].get("op_name", "")
+    ]
+
+
+def test_onnx_runs_one_convolution_per_gated_layer_at_batch_1(
+    rnp, images, tmp_path
+):
+    path = keras_rnp.export_onnx(
+        rnp, tmp_path / "forced.onnx", forced_actions=True
+    )
+    for a in (1, 2, 4):
+        feeds = {
+            "images": images[:1],
+            "forced_actions": np.full((1, 2), a, np.int32),
+        }
+        # small_cnn: the first convolution (not gated) and one per gated
+        # layer; a mixed batch runs blocks.
+        assert len(_executed_convolutions(path, feeds)) == 3, a
+    mixed = {
+        "images": images[:2],
+        "forced_actions": np.array([[1, 1], [4, 4]], np.int32),
+    }
+    assert len(_executed_convolutions(path, mixed)) == 1 + 4 + 16
 
 
 def test_decisions_are_spread_so_parity_means_something(rnp, images):
@@ -227,8 +285,9 @@ def test_onnx_stores_each_weight_once(rnp, tmp_path):
     # the kernel blocks, each gated kernel was stored about 6 times.
     assert 0.9 * weights <= stored <= 1.1 * weights + 200
     # The first convolution (not gated); the second (gated, its input
-    # not) in 4 output groups; the third in 4 x 4 blocks.
-    assert convs == 1 + 4 + 16
+    # not) in 4 output groups and 4 prefixes (one per action); the third
+    # in 4 x 4 blocks and 16 prefixes (one per input width and action).
+    assert convs == 1 + 4 + 4 + 16 + 16
 
 
 def test_onnx_keeps_a_normalization_layers_constants(tmp_path):

@@ -123,13 +123,19 @@ class GatedBlock(keras.layers.Layer):
             x = unit.call_sliced(x, in_active, out_active)
         return x
 
-    def call_blocks(self, x, action):
-        """Inference without control flow (ONNX): each convolution as
-        kernel blocks run on the images that need them (see
-        `GatedConv2D.call_blocks`)."""
+    def call_blocks(self, x, action, uniform_branch=False):
+        """Inference for ONNX and LiteRT: each convolution as kernel
+        blocks run on the images that need them, and with
+        `uniform_branch`, one convolution on a kernel prefix for a batch
+        whose images share an action (see `GatedConv2D.call_blocks`)."""
         for unit in self.units:
             previous = action if unit.in_gated else None
-            out = unit.call_blocks(x, action, previous_action=previous)
+            out = unit.call_blocks(
+                x,
+                action,
+                previous_action=previous,
+                uniform_branch=uniform_branch,
+            )
             x = tf.concat(out, axis=-1) if unit.out_gated else out
         return x
 

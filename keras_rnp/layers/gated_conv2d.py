@@ -294,7 +294,9 @@ class GatedConv2D(keras.layers.Layer):
             y = tf.nn.bias_add(y, bias)
         return _run_tail(conv.activation(y), tail, affine, slice(0, out_active))
 
-    def call_blocks(self, x, action, previous_action=None):
+    def call_blocks(
+        self, x, action, previous_action=None, uniform_branch=False
+    ):
         """Inference on the active channels as `k x k` kernel blocks, for
         graphs without control flow whose weights must be constants
         (ONNX: onnxruntime's fast convolutions need constant weights).
@@ -330,8 +332,6 @@ class GatedConv2D(keras.layers.Layer):
             width = tf.cast(previous_action, tf.int32)
         else:
             width = tf.fill([batch], k)
-        kernel = tf.cast(conv.kernel, tf.float32)
-        bias = tf.cast(conv.bias, tf.float32) if conv.use_bias else None
         tail = list(enumerate(self.tail))
         affines = {}
         for i, layer in tail:
@@ -343,71 +343,159 @@ class GatedConv2D(keras.layers.Layer):
                     affines[i] = norm.image_affine(layer, width)
         # Folded only with one set of statistics: per-width ones differ
         # per image.
-        if _folds_first_norm(conv, tail) and "0" not in self.width_norms:
-            scale, offset = affines.pop(tail.pop(0)[0])
-            kernel = kernel * scale
-            bias = offset if bias is None else bias * scale + offset
+        folds = _folds_first_norm(conv, tail) and "0" not in self.width_norms
+        if folds:
+            affines.pop(tail.pop(0)[0])
+        kernel, bias = self._folded_weights(folds)
         kernel = tf.cast(kernel, x.dtype)
         shape = conv.compute_output_shape(
             (None, *self.input_spatial_shape, self.in_channels)
         )
-        outputs = []
-        for o in range(outputs_count):
-            columns = slice(o * group_out, (o + 1) * group_out)
-            needed = action > o if self.out_gated else action > 0
-            # Summed in float32: onnxruntime's CPU ScatterND cannot add
-            # float16 (mixed precision).
-            if o == 0:  # Starts from block (0, 0) below.
-                total = None
-            else:
-                total = tf.zeros(
-                    tf.stack([batch, shape[1], shape[2], group_out]),
-                    tf.float32,
-                )
-            for i in range(inputs):
-                block = kernel[:, :, i * group_in : (i + 1) * group_in, columns]
-                part = x[:, :, :, i * group_in : (i + 1) * group_in]
-                if o == 0 and i == 0:
-                    # Every image computes the first block: no gather.
-                    y = tf.nn.conv2d(
-                        part,
-                        block,
-                        strides=conv.strides,
-                        padding=conv.padding.upper(),
-                        dilations=conv.dilation_rate,
-                    )
-                    total = tf.cast(y, tf.float32)
-                    continue
-                chosen = needed & (width > i) if self.in_gated else needed
-                rows = tf.where(chosen)
-                y = tf.nn.conv2d(
-                    tf.gather_nd(part, rows),
-                    block,
-                    strides=conv.strides,
-                    padding=conv.padding.upper(),
-                    dilations=conv.dilation_rate,
-                )
-                # With oneDNN, a convolution on an empty batch (no image
-                # needs the block) returns the wrong shape: pin it.
-                y = tf.reshape(
-                    tf.cast(y, tf.float32), [-1, *shape[1:3], group_out]
-                )
-                total = tf.tensor_scatter_nd_add(total, rows, y)
+
+        def convolve(part, block):
+            # Known ranks inside branches (tf2onnx needs them there).
+            part = tf.ensure_shape(part, [None, *part.shape[1:]])
+            block = tf.ensure_shape(block, block.shape)
+            y = tf.nn.conv2d(
+                part,
+                block,
+                strides=conv.strides,
+                padding=conv.padding.upper(),
+                dilations=conv.dilation_rate,
+            )
+            return tf.cast(y, tf.float32)
+
+        # Cut once, outside the branches below: each block one constant
+        # however many branches read it.
+        blocks = {
+            (i, o): kernel[
+                :,
+                :,
+                i * group_in : (i + 1) * group_in,
+                o * group_out : (o + 1) * group_out,
+            ]
+            for i in range(inputs)
+            for o in range(outputs_count)
+        }
+
+        def block(i, o):
+            """Block (i, o) of the kernel and the input group it reads."""
+            rows = slice(i * group_in, (i + 1) * group_in)
+            return _known(x)[:, :, :, rows], blocks[i, o]
+
+        def finish(columns, total):
+            """Bias and tail of the output `columns`, from their float32
+            sum."""
             y = tf.cast(total, x.dtype)
             if bias is not None:
-                y = y + tf.cast(bias[columns], y.dtype)
+                y = y + tf.cast(_known(bias)[columns], y.dtype)
 
-            def affine(i, layer, columns=columns):
-                scale, offset = (v[..., columns] for v in affines[i])
+            def affine(i, layer):
+                scale, offset = (_known(v)[..., columns] for v in affines[i])
                 if scale.shape.rank == 2:  # Per image.
                     return scale[:, None, None, :], offset[:, None, None, :]
                 return scale, offset
 
-            y = _run_tail(conv.activation(y), tail, affine, columns)
-            if o > 0:  # Every image keeps the first group.
-                y = y * tf.cast(needed, y.dtype)[:, None, None, None]
-            outputs.append(y)
+            return _run_tail(conv.activation(y), tail, affine, columns)
+
+        def gathered():
+            """Each block on the images that need it, added back in place."""
+            outputs = []
+            for o in range(outputs_count):
+                needed = action > o if self.out_gated else action > 0
+                # Summed in float32: onnxruntime's CPU ScatterND cannot
+                # add float16 (mixed precision). Every image computes
+                # block (0, 0): no gather.
+                total = convolve(*block(0, o)) if o == 0 else None
+                if o > 0:
+                    total = tf.zeros(
+                        tf.stack([batch, shape[1], shape[2], group_out]),
+                        tf.float32,
+                    )
+                for i in range(inputs):
+                    if o == 0 and i == 0:
+                        continue
+                    chosen = needed & (width > i) if self.in_gated else needed
+                    rows = tf.where(chosen)
+                    part, kernel_block = block(i, o)
+                    y = convolve(tf.gather_nd(part, rows), kernel_block)
+                    # With oneDNN, a convolution on an empty batch (no
+                    # image needs the block) returns the wrong shape: pin
+                    # it.
+                    y = tf.reshape(y, [-1, *shape[1:3], group_out])
+                    total = tf.tensor_scatter_nd_add(total, rows, y)
+                y = finish(slice(o * group_out, (o + 1) * group_out), total)
+                if o > 0:  # Every image keeps the first group.
+                    y = y * tf.cast(needed, y.dtype)[:, None, None, None]
+                outputs.append(y)
+            return outputs
+
+        if not uniform_branch:
+            outputs = gathered()
+            return outputs if self.out_gated else outputs[0]
+
+        # One kernel prefix per (input width, action), cut outside the
+        # branches too.
+        widths = range(1, k + 1) if self.in_gated else [k]
+        actions = range(1, k + 1) if self.out_gated else [k]
+        cases = [(i, o) for i in widths for o in actions]
+        prefixes = {
+            (i, o): kernel[:, :, : i * group_in, : o * group_out]
+            for i, o in cases
+        }
+
+        def uniform_case(a_in, a_out):
+            """The whole batch at input width `a_in` and action `a_out`:
+            one convolution on a kernel prefix, then its bias and tail on
+            the `a_out` groups computed, and zeros for the others."""
+            part = _known(x)[:, :, :, : a_in * group_in]
+            columns = slice(0, a_out * group_out)
+            y = finish(columns, convolve(part, prefixes[a_in, a_out]))
+            if not self.out_gated:
+                return [y]
+            parts = tf.split(y, a_out, axis=-1)
+            # A tensor of its own per skipped group (tf2onnx cannot
+            # convert a branch that returns one tensor twice).
+            return parts + [tf.zeros_like(parts[0]) for _ in range(k - a_out)]
+
+        def uniform():
+            """Every image took the same action after the same input
+            width: one convolution on the kernel prefix they need, chosen
+            by a tree of branches (no gathers)."""
+            index = (width[0] - widths[0]) * len(actions)
+            if self.out_gated:
+                index += action[0] - actions[0]
+
+            def choose(low, high):
+                if high - low == 1:
+                    return uniform_case(*cases[low])
+                middle = (low + high) // 2
+                return tf.cond(
+                    index < middle,
+                    lambda: choose(low, middle),
+                    lambda: choose(middle, high),
+                )
+
+            return choose(0, len(cases))
+
+        key = action * (k + 1) + width
+        same = tf.logical_and(
+            tf.size(key) > 0, tf.reduce_min(key) == tf.reduce_max(key)
+        )
+        outputs = tf.cond(same, uniform, gathered)
         return outputs if self.out_gated else outputs[0]
+
+    def _folded_weights(self, folds):
+        """The float32 kernel and bias (None without one), with the first
+        batch norm of the tail folded in when `folds`."""
+        conv = self.conv
+        kernel = tf.cast(conv.kernel, tf.float32)
+        bias = tf.cast(conv.bias, tf.float32) if conv.use_bias else None
+        if folds:
+            scale, offset = batch_norm_affine(self.tail[0], self.out_channels)
+            kernel = kernel * scale
+            bias = offset if bias is None else bias * scale + offset
+        return kernel, bias
 
     def get_config(self):
         return {
@@ -456,7 +544,7 @@ def _run_tail(y, tail, affine, channels):
 def _depthwise(layer, y, channels):
     """A depthwise convolution (one filter per channel) on `channels` (a
     slice, its bounds ints or scalar tensors) of its input."""
-    kernel = layer.kernel[:, :, channels, :]
+    kernel = _known(layer.kernel)[:, :, channels, :]
     kernel = tf.reshape(tf.cast(kernel, y.dtype), [*layer.kernel_size, -1, 1])
     y = tf.nn.depthwise_conv2d(
         y,
@@ -466,8 +554,15 @@ def _depthwise(layer, y, channels):
         dilations=layer.dilation_rate,
     )
     if layer.use_bias:
-        y = tf.nn.bias_add(y, tf.cast(layer.bias[channels], y.dtype))
+        y = tf.nn.bias_add(y, tf.cast(_known(layer.bias)[channels], y.dtype))
     return layer.activation(y)
+
+
+def _known(tensor):
+    """`tensor` with its static shape asserted: inside a `tf.cond` branch,
+    tf2onnx loses the shapes of the tensors a branch captures, and cannot
+    convert a slice or a convolution of them without one."""
+    return tf.ensure_shape(tensor, tensor.shape)
 
 
 def _is_whole(sizes, shape):
