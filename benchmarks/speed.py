@@ -39,6 +39,7 @@ import tensorflow as tf  # noqa: E402
 
 import keras_rnp  # noqa: E402
 from keras_rnp import backbones  # noqa: E402
+from keras_rnp import export as export_lib  # noqa: E402
 from keras_rnp import io_utils  # noqa: E402
 from keras_rnp.static_pruning import l1_prune  # noqa: E402
 
@@ -71,12 +72,13 @@ MODELS = {
 }
 
 
-def median_times(functions, repeats):
+def median_times(functions, repeats, warmup=3):
     """Median wall time of each function, run in turn `repeats` times
-    after one warm-up run of each, so that all see the same machine
-    load."""
+    after `warmup` runs of each (onnxruntime's first calls after a session
+    is made ran 2x slower), so that all see the same machine load."""
     for function in functions:
-        function()
+        for _ in range(warmup):
+            function()
     times = [[] for _ in functions]
     for _ in range(repeats):
         for function, measured in zip(functions, times, strict=True):
@@ -132,8 +134,8 @@ class Runtimes:
         return plain, run_rnp
 
     def onnx(self):
+        import onnx
         import onnxruntime as ort
-        import tf2onnx
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -142,15 +144,17 @@ class Runtimes:
             spec = tf.TensorSpec(model.inputs[0].shape, tf.float32, "images")
             path = self._path("plain") + ".onnx"
             self.loaded.append(path)
-            # As export_onnx does: no copy of the graph per optimizer pass
-            # (without it, VGG-16's plain export ran out of 24 GB).
-            os.environ["TF2ONNX_CATCH_ERRORS"] = "FALSE"
-            tf2onnx.convert.from_function(
-                tf.function(lambda images: model(images, training=False)),
+            # Converted as export_onnx converts (the weights inputs while
+            # tf2onnx works: VGG-16's plain model took 22 GB otherwise).
+            function = tf.function(
+                lambda images: model(images, training=False),
                 input_signature=[spec],
-                opset=17,
-                output_path=path,
             )
+            with export_lib._tf2onnx_optimizer_without_copies():
+                proto = export_lib._convert_with_weights_as_inputs(
+                    function.get_concrete_function(), 17
+                )
+            onnx.save(proto, path)
             session = ort.InferenceSession(
                 path, options, providers=["CPUExecutionProvider"]
             )
