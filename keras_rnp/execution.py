@@ -1,4 +1,4 @@
-"""The forward pass of a gated network, in one of three modes.
+"""The forward pass of a gated network, in one of four modes.
 
 - `MASKED` (training): every gated unit computes all its channels and
   zeroes the skipped groups, so gradients reach every weight.
@@ -21,13 +21,13 @@
   `SLICED_BLOCKS` for mixed batches; a batch whose images all took one
   action after one input width (always so at batch 1) runs one
   convolution on the kernel prefix it needs, chosen by a tree of
-  branches. Exported with the kernels as graph inputs
-  (`keras_rnp.layers.gated_conv2d.given_kernels`), each is stored once and
-  its blocks and prefixes are slices that onnxruntime folds into constant
-  weights when it loads the model.
+  branches. `keras_rnp.export_onnx` keeps the weights out of tf2onnx's
+  constant folding: each kernel is stored once, and its blocks and
+  prefixes are slices that onnxruntime folds into constant weights when it
+  loads the model.
 
 A residual network (`keras_rnp.residual_planner.ResidualPlan`) runs its
-stream layers at full width and each gated block in the same three modes,
+stream layers at full width and each gated block in the same four modes,
 one action per block and image (`keras_rnp.layers.GatedBlock`).
 
 The work the sliced modes execute is what the plan's `path_flops` counts.

@@ -314,11 +314,12 @@ def export_litert(rnp, path, overwrite=True, forced_actions=False):
     tests. Run it with `ai_edge_litert.interpreter.Interpreter` (XNNPACK
     is on by default) through `get_signature_runner(name)`.
 
-    The graph is the ONNX export's (see `export_onnx`): each gated kernel
-    stored once as constant blocks, each block run on the images that need
-    it, no control flow, LiteRT's builtin operators only (no Flex
-    delegate). Like ONNX it cannot raise errors: a negative or non-finite
-    budget counts as 0 and forced actions are clipped. XNNPACK refuses an
+    The graph is the ONNX export's block graph without its branch for
+    uniform batches (`execution.SLICED_BLOCKS`): each gated kernel stored
+    once as constant blocks, each block run on the images that need it, no
+    control flow, LiteRT's builtin operators only (no Flex delegate). Like
+    ONNX it cannot raise errors: a negative or non-finite budget counts as
+    0 and forced actions are clipped. XNNPACK refuses an
     empty batch. The write is atomic.
 
     Args:
@@ -429,11 +430,13 @@ def _convert_with_weights_as_inputs(concrete, opset):
     slice of a gated kernel (`GatedConv2D.call_blocks`' blocks and kernel
     prefixes) would become a constant of its own, each kernel stored
     several times, and tf2onnx's passes over the constants of VGG-16 took
-    about 20 GB. So each float constant of the frozen graph with at least
-    `_LIFTED_SIZE` elements becomes a placeholder for the conversion and an
+    about 20 GB. So every variable the function reads becomes a
+    placeholder for the conversion (`_variables_as_placeholders`), and an
     initializer of the ONNX graph afterwards, stored once; onnxruntime
     folds the slices and transposes of it into constant weights when it
-    loads the model.
+    loads the model. Where a variable is read inside a branch, the graph
+    is frozen instead and its float constants of at least `_LIFTED_SIZE`
+    elements are lifted the same way.
     """
     import tf2onnx
 
@@ -590,11 +593,12 @@ def _inline_captured_constants(model_proto, concrete, count):
 
 def _share_branch_initializers(model_proto):
     """Stores each constant once: tf2onnx folds the constants of every
-    `If` branch on its own, so a kernel block that a gated unit's two
-    branches both read (`GatedConv2D.call_blocks`) would be stored once
-    per branch. Moves the branches' initializers to the main graph, one
-    per distinct value, where the branches read them (an outer-scope
-    value, as ONNX allows)."""
+    `If` branch on its own, so a constant that several branches use (a
+    slice of a weight read inside a branch, when the graph had to be
+    frozen; small constants) would be stored once per branch. Moves the
+    branches' initializers to the main graph, one per distinct value,
+    where the branches read them (an outer-scope value, as ONNX
+    allows)."""
     import hashlib
 
     import onnx
@@ -606,22 +610,16 @@ def _share_branch_initializers(model_proto):
         digest = hashlib.sha256(value.tobytes()).hexdigest()
         return tensor.data_type, tuple(tensor.dims), digest
 
-    names = {tensor.name for tensor in main.initializer}
+    def all_names(graph):
+        yield from (tensor.name for tensor in graph.initializer)
+        yield from (value.name for value in graph.input)
+        for node in graph.node:
+            yield from node.output
+        for sub in _subgraphs(graph):
+            yield from all_names(sub)
+
+    names = set(all_names(main))
     shared = {key(tensor): tensor.name for tensor in main.initializer}
-
-    def subgraphs(graph):
-        for node in graph.node:
-            for attribute in node.attribute:
-                if attribute.type == onnx.AttributeProto.GRAPH:
-                    yield attribute.g
-                yield from attribute.graphs
-
-    def rename(graph, renames):
-        for node in graph.node:
-            for i, name in enumerate(node.input):
-                node.input[i] = renames.get(name, name)
-        for sub in subgraphs(graph):
-            rename(sub, renames)
 
     def hoist(graph):
         outputs = {output.name for output in graph.output}
@@ -631,9 +629,11 @@ def _share_branch_initializers(model_proto):
                 continue
             tensor_key = key(tensor)
             if tensor_key not in shared:
-                name = tensor.name
+                # A name no value of the model has (tf2onnx's are unique,
+                # so none shadows another).
+                name = tensor.name + "_shared"
                 while name in names:
-                    name += "_shared"
+                    name += "_"
                 names.add(name)
                 shared[tensor_key] = name
                 moved = onnx.TensorProto()
@@ -642,11 +642,11 @@ def _share_branch_initializers(model_proto):
                 main.initializer.append(moved)
             renames[tensor.name] = shared[tensor_key]
             graph.initializer.remove(tensor)
-        rename(graph, renames)
-        for sub in subgraphs(graph):
+        _rename_inputs(graph, renames)
+        for sub in _subgraphs(graph):
             hoist(sub)
 
-    for sub in subgraphs(main):
+    for sub in _subgraphs(main):
         hoist(sub)
 
 
@@ -658,6 +658,27 @@ def _name_inputs(model_proto, names):
     for graph_input, name in zip(graph.input, names, strict=True):
         renames[graph_input.name] = name
         graph_input.name = name
+    _rename_inputs(graph, renames)
+
+
+def _subgraphs(graph):
+    """The graphs of `graph`'s nodes' attributes (`If` branches, loops)."""
+    import onnx
+
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield attribute.g
+            yield from attribute.graphs
+
+
+def _rename_inputs(graph, renames):
+    """Renames the values `graph`'s nodes read, and its outputs, in it and
+    its subgraphs (which read outer values by name)."""
     for node in graph.node:
         for i, name in enumerate(node.input):
             node.input[i] = renames.get(name, name)
+    for sub in _subgraphs(graph):
+        for output in sub.output:
+            output.name = renames.get(output.name, output.name)
+        _rename_inputs(sub, renames)

@@ -119,6 +119,17 @@ def test_exports_match_keras(policy, tmp_path):
     np.testing.assert_allclose(
         got["logits"], want["logits"], rtol=tolerance, atol=tolerance
     )
+    # One image: ONNX's one-convolution branch, in the policy's dtype.
+    got = onnx_outputs(
+        onnx_session(onnx_path),
+        {"images": x[:1], "budget": np.zeros([1], "f4")},
+    )
+    np.testing.assert_allclose(
+        got["logits"],
+        rnp.run(x[:1])["logits"],
+        rtol=tolerance,
+        atol=tolerance,
+    )
 
 
 def test_head_ending_in_a_float32_layer(policy):

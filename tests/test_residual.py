@@ -293,6 +293,32 @@ def test_exports_match_keras_with_mixed_actions(tmp_path):
     )
 
 
+def test_onnx_export_reads_every_weight_outside_the_graph_s_branches(
+    tmp_path, monkeypatch
+):
+    # Weights read inside a branch (a depthwise tail's) would force the
+    # export to freeze the whole graph; it must not need to.
+    from keras_rnp import export
+
+    def refuse(concrete):
+        raise AssertionError("export_onnx froze the graph")
+
+    monkeypatch.setattr(
+        export, "_frozen_with_large_constants_as_placeholders", refuse
+    )
+    for model in (inverted_residual_net(), helpers.small_cnn()):
+        rnp = keras_rnp.wrap(model, seed=0)
+        x = images_for(rnp, 2, seed=1)
+        keras_rnp.export_onnx(rnp, tmp_path / "m.onnx")
+        got = helpers.onnx_outputs(
+            helpers.onnx_session(tmp_path / "m.onnx"),
+            {"images": x, "budget": np.zeros([1], "f4")},
+        )
+        np.testing.assert_allclose(
+            got["logits"], rnp.run(x)["logits"], rtol=1e-4, atol=1e-4
+        )
+
+
 def test_keras_file_round_trip_and_strip(tmp_path):
     rnp = spread_decisions(
         keras_rnp.wrap(bottleneck_net(), width_aware_bn=True, seed=0)

@@ -144,12 +144,22 @@ def test_exports_fold_each_width_s_statistics(tmp_path):
     onnx_path = keras_rnp.export_onnx(
         rnp, tmp_path / "m.onnx", forced_actions=True
     )
-    got = onnx_outputs(
-        onnx_session(onnx_path), {"images": x, "forced_actions": actions}
-    )
+    session = onnx_session(onnx_path)
+    got = onnx_outputs(session, {"images": x, "forced_actions": actions})
     np.testing.assert_allclose(
         got["logits"], want["logits"], rtol=1e-4, atol=1e-4
     )
+    # Uniform batches take ONNX's one-convolution branch, per-width
+    # statistics applied there too.
+    for a in (1, 2, 3):
+        uniform = np.full((9, 3), a, np.int32)
+        got = onnx_outputs(session, {"images": x, "forced_actions": uniform})
+        np.testing.assert_allclose(
+            got["logits"],
+            rnp.run(x, actions=uniform)["logits"],
+            rtol=1e-4,
+            atol=1e-4,
+        )
 
 
 def test_save_load_keeps_the_width_statistics(tmp_path):
@@ -277,11 +287,16 @@ def test_per_width_affine_model_masked_sliced_exports_and_training(tmp_path):
     sliced = rnp.run(x, actions=actions)["logits"]
     np.testing.assert_allclose(sliced, masked, rtol=1e-4, atol=1e-4)
     path = keras_rnp.export_onnx(rnp, tmp_path / "m.onnx", forced_actions=True)
+    session = onnx_session(path)
     got = onnx_outputs(
-        onnx_session(path),
-        {"images": x, "forced_actions": actions.astype("int32")},
+        session, {"images": x, "forced_actions": actions.astype("int32")}
     )
     np.testing.assert_allclose(got["logits"], masked, rtol=1e-4, atol=1e-4)
+    uniform = np.full((6, 3), 2, np.int32)  # The one-convolution branch.
+    got = onnx_outputs(session, {"images": x, "forced_actions": uniform})
+    np.testing.assert_allclose(
+        got["logits"], rnp.run(x, actions=uniform)["logits"], atol=1e-4
+    )
     # Saved and loaded with the rest; trainable, and trained by fit.
     rnp.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras")

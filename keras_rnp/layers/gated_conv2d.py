@@ -297,29 +297,38 @@ class GatedConv2D(keras.layers.Layer):
     def call_blocks(
         self, x, action, previous_action=None, uniform_branch=False
     ):
-        """Inference on the active channels as `k x k` kernel blocks, for
-        graphs without control flow whose weights must be constants
-        (ONNX: onnxruntime's fast convolutions need constant weights).
+        """Inference on the active channels for graphs whose weights must
+        be constants (onnxruntime's fast convolutions need them; LiteRT).
 
         The kernel is cut into blocks of one input group by one output
         group; block `(i, o)` runs on exactly the images whose previous
         action exceeds `i` and whose action exceeds `o` (gathered, then
         added back in place), so each image costs what `call_sliced`
         costs, and the graph holds every weight once, whatever the
-        actions. Batch norm is folded into the blocks where it directly
-        follows a linear convolution and keeps one set of statistics;
-        with per-width statistics it is applied per image after them.
+        actions; it has no control flow. With `uniform_branch` (ONNX), a
+        batch whose images all took one action after one input width runs
+        instead one convolution on the kernel prefix it needs, chosen by a
+        tree of `tf.cond` branches over the `(input width, action)` pairs
+        (no gathers); the prefixes are slices of the kernel, which the
+        ONNX export keeps as `Slice` nodes of one stored kernel. Batch norm
+        is folded into the kernel where it directly follows a linear
+        convolution and keeps one set of statistics; with per-width
+        statistics it is applied per image after it.
 
         Args:
             x: `[B, H, W, C_in]` input; its skipped channels are 0.
             action: `[B]` int tensor, the groups to compute per image.
             previous_action: `[B]` int tensor, each image's input width
                 (for a unit whose input is gated).
+            uniform_branch: add the branch for uniform batches.
 
         Returns:
             A list of `k` tensors `[B, H', W', C_out / k]`, output group by
             group, each exactly 0 for the images that skipped it; one
             tensor `[B, H', W', C_out]` if the output is not gated.
+
+        Every weight is read outside the branches, so that the graph's
+        branches take no variables (see `keras_rnp.export`).
         """
         k, conv = self.groups, self.conv
         batch = tf.shape(x)[0]
@@ -333,7 +342,12 @@ class GatedConv2D(keras.layers.Layer):
         else:
             width = tf.fill([batch], k)
         tail = list(enumerate(self.tail))
-        affines = {}
+        # Folded only with one set of statistics: per-width ones differ
+        # per image.
+        folds = _folds_first_norm(conv, tail) and "0" not in self.width_norms
+        if folds:
+            tail.pop(0)
+        affines, depthwise = {}, {}
         for i, layer in tail:
             if isinstance(layer, _L.BatchNormalization):
                 norm = self.width_norms.get(str(i))
@@ -341,11 +355,13 @@ class GatedConv2D(keras.layers.Layer):
                     affines[i] = batch_norm_affine(layer, self.out_channels)
                 else:
                     affines[i] = norm.image_affine(layer, width)
-        # Folded only with one set of statistics: per-width ones differ
-        # per image.
-        folds = _folds_first_norm(conv, tail) and "0" not in self.width_norms
-        if folds:
-            affines.pop(tail.pop(0)[0])
+            elif isinstance(layer, _L.DepthwiseConv2D):
+                depthwise[i] = (
+                    tf.convert_to_tensor(layer.kernel),
+                    tf.convert_to_tensor(layer.bias)
+                    if layer.use_bias
+                    else None,
+                )
         kernel, bias = self._folded_weights(folds)
         kernel = tf.cast(kernel, x.dtype)
         shape = conv.compute_output_shape(
@@ -396,7 +412,9 @@ class GatedConv2D(keras.layers.Layer):
                     return scale[:, None, None, :], offset[:, None, None, :]
                 return scale, offset
 
-            return _run_tail(conv.activation(y), tail, affine, columns)
+            return _run_tail(
+                conv.activation(y), tail, affine, columns, depthwise
+            )
 
         def gathered():
             """Each block on the images that need it, added back in place."""
@@ -524,27 +542,32 @@ def _folds_first_norm(conv, tail):
     )
 
 
-def _run_tail(y, tail, affine, channels):
+def _run_tail(y, tail, affine, channels, depthwise=None):
     """The tail's layers in inference on `y`, the `channels` (a slice) of
     the unit's output: each batch norm as `y * scale + offset` from
     `affine(index, layer)`, a depthwise convolution on its slice of
-    filters, dropout skipped, the rest as they are. `tail` is a list of
-    `(index, layer)`."""
+    filters (its `(kernel, bias)` from `depthwise[index]` when given, read
+    from the layer otherwise), dropout skipped, the rest as they are.
+    `tail` is a list of `(index, layer)`."""
     for i, layer in tail:
         if isinstance(layer, _L.BatchNormalization):
             scale, offset = affine(i, layer)
             y = y * tf.cast(scale, y.dtype) + tf.cast(offset, y.dtype)
         elif isinstance(layer, _L.DepthwiseConv2D):
-            y = _depthwise(layer, y, channels)
+            weights = (depthwise or {}).get(i)
+            if weights is None:
+                weights = (layer.kernel, layer.bias if layer.use_bias else None)
+            y = _depthwise(layer, y, channels, *weights)
         elif not isinstance(layer, _L.Dropout):
             y = layer(y, training=False)
     return y
 
 
-def _depthwise(layer, y, channels):
+def _depthwise(layer, y, channels, kernel, bias):
     """A depthwise convolution (one filter per channel) on `channels` (a
-    slice, its bounds ints or scalar tensors) of its input."""
-    kernel = _known(layer.kernel)[:, :, channels, :]
+    slice, its bounds ints or scalar tensors) of its input, with the
+    layer's `kernel` and `bias` (None without one)."""
+    kernel = _known(kernel)[:, :, channels, :]
     kernel = tf.reshape(tf.cast(kernel, y.dtype), [*layer.kernel_size, -1, 1])
     y = tf.nn.depthwise_conv2d(
         y,
@@ -553,8 +576,8 @@ def _depthwise(layer, y, channels):
         padding=layer.padding.upper(),
         dilations=layer.dilation_rate,
     )
-    if layer.use_bias:
-        y = tf.nn.bias_add(y, tf.cast(_known(layer.bias)[channels], y.dtype))
+    if bias is not None:
+        y = tf.nn.bias_add(y, tf.cast(_known(bias)[channels], y.dtype))
     return layer.activation(y)
 
 

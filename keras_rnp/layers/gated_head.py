@@ -2,12 +2,17 @@
 last gated unit."""
 
 import contextlib
+import contextvars
 
 import keras
 import tensorflow as tf
 
 _L = keras.layers
 REDUCER_LAYERS = (_L.GlobalAveragePooling2D, _L.GlobalMaxPooling2D, _L.Flatten)
+
+# `{id(head): (kernel copy, group size)}`, set by `GatedHead.rows_by_group`
+# in the thread (and context) that exports, and seen by no other.
+_ROWS_BY_GROUP = contextvars.ContextVar("rows_by_group", default=None)
 
 
 @keras.saving.register_keras_serializable(package="keras_rnp")
@@ -45,8 +50,6 @@ class GatedHead(keras.layers.Layer):
             )
         self.head_layers = layers
         self.in_channels = int(in_channels)
-        # Set by `rows_by_group` for exports: `(kernel, group_size)`.
-        self._rows_by_group = None
         self.built = all(layer.built for layer in layers)
 
     @property
@@ -77,15 +80,20 @@ class GatedHead(keras.layers.Layer):
         rows of the active channels are strided: a slice of them is a copy
         (for VGG-16's first dense layer, a quarter of 102M weights per call
         at one group of four). The copy is made once, when the block is
-        entered, from the current weights; exports use it. Does nothing
-        for a head without a Flatten-fed dense layer.
+        entered, from the current weights, and seen only by functions
+        traced in this thread inside the block (`export_saved_model`
+        traces its signatures there). Does nothing for a head without a
+        Flatten-fed dense layer.
 
         Args:
             groups: the last gated unit's channel groups.
+
+        Yields:
+            The copy (a `tf.Variable`), or None.
         """
         index = self.gated_dense_index
         if index is None or not isinstance(self.head_layers[0], _L.Flatten):
-            yield
+            yield None
             return
         dense = self.head_layers[index]
         height, width = self.head_layers[0].input.shape[1:3]
@@ -96,11 +104,13 @@ class GatedHead(keras.layers.Layer):
         variable = tf.Variable(
             kernel, trainable=False, name=f"{dense.name}_rows_by_group"
         )
-        self._rows_by_group = (variable, size)
+        token = _ROWS_BY_GROUP.set(
+            {**(_ROWS_BY_GROUP.get() or {}), id(self): (variable, size)}
+        )
         try:
-            yield
+            yield variable
         finally:
-            self._rows_by_group = None
+            _ROWS_BY_GROUP.reset(token)
 
     def call_sliced(self, y, active):
         """The head on the last unit's `active` computed channels.
@@ -119,8 +129,9 @@ class GatedHead(keras.layers.Layer):
         dense = self.head_layers[index]
         rest = self.head_layers[index + 1 :]
         kernel = dense.kernel
-        if isinstance(reducer, _L.Flatten) and self._rows_by_group:
-            kernel, size = self._rows_by_group
+        rows_by_group = (_ROWS_BY_GROUP.get() or {}).get(id(self))
+        if isinstance(reducer, _L.Flatten) and rows_by_group:
+            kernel, size = rows_by_group
             height, width = y.shape[1:3]
             # The activations in the copy's order: group, position,
             # channel within the group.
