@@ -534,9 +534,7 @@ def _frozen_with_large_constants_as_placeholders(concrete):
             continue
         value = node.attr["value"].tensor
         dtype = tf.dtypes.as_dtype(value.dtype)
-        elements = 1
-        for dim in value.tensor_shape.dim:
-            elements *= dim.size
+        elements = tf.TensorShape(value.tensor_shape).num_elements()
         if not dtype.is_floating or elements < _LIFTED_SIZE:
             continue
         lifted[node.name] = tf.make_ndarray(value)
@@ -568,27 +566,21 @@ def _inline_captured_constants(model_proto, concrete, count):
     tf2onnx leaves the constant tensors a function captures (the mean and
     variance of a `keras.layers.Normalization` built with them) as inputs
     named after their placeholders; the values are the function's."""
-    import onnx
-
-    values = {
+    captured = {
         placeholder.name: value
         for value, placeholder in concrete.graph.captures
         if value.dtype != tf.resource
     }
-    graph = model_proto.graph
-    for graph_input in list(graph.input)[count:]:
-        if graph_input.name not in values:
+    values = {}
+    for graph_input in list(model_proto.graph.input)[count:]:
+        if graph_input.name not in captured:
             raise ValueError(
                 "export_onnx: tf2onnx left an input the model does not "
                 f"take, {graph_input.name!r}, and it is not a captured "
                 "constant; please report this with your model."
             )
-        graph.initializer.append(
-            onnx.numpy_helper.from_array(
-                values[graph_input.name].numpy(), graph_input.name
-            )
-        )
-        graph.input.remove(graph_input)
+        values[graph_input.name] = captured[graph_input.name].numpy()
+    _inline_inputs(model_proto, values)
 
 
 def _share_branch_initializers(model_proto):

@@ -370,11 +370,9 @@ class GatedConv2D(keras.layers.Layer):
 
         def convolve(part, block):
             # Known ranks inside branches (tf2onnx needs them there).
-            part = tf.ensure_shape(part, [None, *part.shape[1:]])
-            block = tf.ensure_shape(block, block.shape)
             y = tf.nn.conv2d(
-                part,
-                block,
+                _known(part),
+                _known(block),
                 strides=conv.strides,
                 padding=conv.padding.upper(),
                 dilations=conv.dilation_rate,
@@ -422,17 +420,15 @@ class GatedConv2D(keras.layers.Layer):
             for o in range(outputs_count):
                 needed = action > o if self.out_gated else action > 0
                 # Summed in float32: onnxruntime's CPU ScatterND cannot
-                # add float16 (mixed precision). Every image computes
-                # block (0, 0): no gather.
-                total = convolve(*block(0, o)) if o == 0 else None
-                if o > 0:
+                # add float16 (mixed precision).
+                if o == 0:  # Every image computes block (0, 0): no gather.
+                    total = convolve(*block(0, 0))
+                else:
                     total = tf.zeros(
                         tf.stack([batch, shape[1], shape[2], group_out]),
                         tf.float32,
                     )
-                for i in range(inputs):
-                    if o == 0 and i == 0:
-                        continue
+                for i in range(1 if o == 0 else 0, inputs):
                     chosen = needed & (width > i) if self.in_gated else needed
                     rows = tf.where(chosen)
                     part, kernel_block = block(i, o)
