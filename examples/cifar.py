@@ -119,6 +119,14 @@ class Config:
         "SGD weight decay, Keras' decoupled kind (w -= lr * wd * w each "
         "step): 5e-3 is about the usual coupled L2 of 5e-4 at momentum 0.9.",
     )
+    decay: str = setting(
+        "auto",
+        "Which weights the weight decay shrinks: all, or kernels only (not "
+        "batch-norm gamma and beta, not biases, as the ResNet recipe "
+        "does). auto: kernels for resnet20, all for cnn4 (the recipe of "
+        "every cnn4 figure in BENCHMARKS.md).",
+        enum_values=["auto", "all", "kernels"],
+    )
     rnp_epochs: int = setting(10, "Epochs of RNP training.")
     penalties: tuple = setting(
         (0.07, 0.04),
@@ -387,14 +395,7 @@ def train_backbone(config):
             model = backbones.cifar_cnn(classes, config.widths)
         trainable = _trainable(config, model)
         trainable.compile(
-            optimizer=keras.optimizers.SGD(
-                keras.optimizers.schedules.CosineDecay(
-                    config.backbone_lr, max(1, steps)
-                ),
-                momentum=0.9,
-                nesterov=True,
-                weight_decay=config.weight_decay,
-            ),
+            optimizer=_sgd(config, config.backbone_lr, max(1, steps)),
             loss=_loss(),
             metrics=["accuracy"],
         )
@@ -460,14 +461,24 @@ def image_passes(config):
 
 
 def _finetune_optimizer(config, steps, learning_rate=None):
-    return keras.optimizers.SGD(
-        keras.optimizers.schedules.CosineDecay(
-            learning_rate or config.finetune_lr, steps
-        ),
+    return _sgd(config, learning_rate or config.finetune_lr, steps)
+
+
+def _sgd(config, peak_lr, steps):
+    """Nesterov SGD on a cosine schedule, with `--weight_decay` on the
+    weights `--decay` names."""
+    optimizer = keras.optimizers.SGD(
+        keras.optimizers.schedules.CosineDecay(peak_lr, steps),
         momentum=0.9,
         nesterov=True,
         weight_decay=config.weight_decay,
     )
+    decay = config.decay
+    if decay == "auto":
+        decay = "kernels" if config.arch == "resnet20" else "all"
+    if decay == "kernels":
+        optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
+    return optimizer
 
 
 def _load(path, what):

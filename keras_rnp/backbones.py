@@ -105,7 +105,8 @@ def resnet20(classes=10, widths=(16, 32, 64), blocks=3, normalize=True):
     (3x3 conv-bn-relu, 3x3 conv-bn, added to the shortcut, then ReLU). The
     first block of the second and third stages halves the map with stride
     2 and widens the stream; its shortcut is a 1x1 strided convolution with
-    batch norm (the others are identities). Convolutions have no bias.
+    batch norm (the others are identities). Convolutions have no bias;
+    kernels start He-normal.
     Global average pooling and a linear classifier end it.
 
     Args:
@@ -130,7 +131,12 @@ def resnet20(classes=10, widths=(16, 32, 64), blocks=3, normalize=True):
 
     def conv_bn(x, width, strides=1, size=3):
         x = layers.Conv2D(
-            width, size, strides=strides, padding="same", use_bias=False
+            width,
+            size,
+            strides=strides,
+            padding="same",
+            use_bias=False,
+            kernel_initializer="he_normal",
         )(x)
         return layers.BatchNormalization()(x)
 
@@ -151,7 +157,7 @@ def resnet20(classes=10, widths=(16, 32, 64), blocks=3, normalize=True):
             y = conv_bn(y, width)
             x = layers.ReLU()(layers.Add()([shortcut, y]))
     x = layers.GlobalAveragePooling2D()(x)
-    outputs = layers.Dense(classes)(x)
+    outputs = layers.Dense(classes, kernel_initializer="he_normal")(x)
     return keras.Model(inputs, outputs, name=f"resnet{6 * blocks + 2}")
 
 

@@ -355,3 +355,27 @@ def test_bad_flags_and_missing_inputs_give_one_line_errors(tmp_path):
     assert len(errors) == 1, result.stderr
     assert errors[0].startswith("error: Cannot load the backbone from")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "arch, decay, decayed",
+    [
+        ("resnet20", "auto", {"kernel"}),
+        ("cnn4", "auto", {"kernel", "bias", "gamma", "beta"}),
+        ("cnn4", "kernels", {"kernel"}),
+        ("resnet20", "all", {"kernel", "gamma", "beta", "bias"}),
+    ],
+)
+def test_weight_decay_reaches_the_weights_decay_names(arch, decay, decayed):
+    config = cifar.Config(arch=arch, decay=decay)
+    model = (
+        backbones.resnet20() if arch == "resnet20" else backbones.cifar_cnn()
+    )
+    optimizer = cifar._sgd(config, 0.1, 10)
+    optimizer.build(model.trainable_variables)
+    names = {
+        variable.name
+        for variable in model.trainable_variables
+        if optimizer._use_weight_decay(variable)
+    }
+    assert names == decayed
