@@ -284,6 +284,7 @@ class RNPModel(RNPTrainer, distribute.MultiWorkerFit, keras.Model):
     # ------------------------------------------------------------------
     # Forward pass.
 
+    @tf.autograph.experimental.do_not_convert
     def forward(
         self,
         images,

@@ -176,6 +176,7 @@ class RNPTrainer:
         replicas = self.distribute_strategy.num_replicas_in_sync
         return strategy is not None or replicas > 1
 
+    @tf.autograph.experimental.do_not_convert
     def train_step(self, data):
         return self._train_step(data, phase=None)
 
@@ -360,6 +361,7 @@ class RNPTrainer:
         )
         super().compute_metrics(x, y, logits, sample_weight)
 
+    @tf.autograph.experimental.do_not_convert
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         logits, actions, _ = self.forward(x, mode=execution.SLICED)
