@@ -35,6 +35,7 @@ The work the sliced modes execute is what the plan's `path_flops` counts.
 
 import tensorflow as tf
 
+from keras_rnp.layers.gated_conv2d import is_uniform
 from keras_rnp.residual_planner import ResidualPlan
 
 MASKED = "masked"
@@ -274,10 +275,7 @@ def _by_group(x, key, run_group, output_shape, out_dtype):
         inverse = tf.scatter_nd(order[:, None], tf.range(batch), [batch])
         return tf.gather(outputs.concat(), inverse)
 
-    is_uniform = tf.logical_and(
-        tf.size(key) > 0, tf.reduce_min(key) == tf.reduce_max(key)
-    )
-    return tf.cond(is_uniform, lambda: run(x, key[0]), grouped)
+    return tf.cond(is_uniform(key), lambda: run(x, key[0]), grouped)
 
 
 def _output_dtype(dtype):

@@ -155,6 +155,40 @@ def onnx_session(path):
     )
 
 
+def executed_ops(session_path, feeds):
+    """The op types onnxruntime runs for one call and how often (a
+    `collections.Counter`), from its profile: the graph's nodes and every
+    branch taken; a fused convolution counts as `FusedConv`."""
+    import collections
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.log_severity_level = 3
+    options.profile_file_prefix = str(session_path) + "_profile"
+    session = ort.InferenceSession(
+        str(session_path), options, providers=["CPUExecutionProvider"]
+    )
+    session.run(None, feeds)
+    profile = session.end_profiling()
+    with open(profile) as f:
+        events = json.load(f)
+    os.remove(profile)
+    return collections.Counter(
+        e["args"]["op_name"]
+        for e in events
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+    )
+
+
+def executed_convolutions(session_path, feeds):
+    """How many convolutions onnxruntime runs for one call (fused or not,
+    in branches too)."""
+    ops = executed_ops(session_path, feeds)
+    return sum(count for op, count in ops.items() if "Conv" in op)
+
+
 def onnx_outputs(session, feeds):
     """Runs an onnxruntime session; returns its outputs by name."""
     names = [output.name for output in session.get_outputs()]

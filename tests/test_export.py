@@ -177,31 +177,6 @@ def test_forced_actions_in_both_exports(rnp, images, saved_model, tmp_path):
         )
 
 
-def _executed_convolutions(session_path, feeds):
-    """The convolutions onnxruntime runs for one call, from its profile
-    (fused or not, in branches too)."""
-    import json
-
-    options = ort.SessionOptions()
-    options.enable_profiling = True
-    options.profile_file_prefix = str(session_path) + "_profile"
-    session = ort.InferenceSession(
-        str(session_path), options, providers=["CPUExecutionProvider"]
-    )
-    session.run(None, feeds)
-    profile = session.end_profiling()
-    with open(profile) as f:
-        events = json.load(f)
-    os.remove(profile)
-    return [
-        e["name"]
-        for e in events
-        if e.get("cat") == "Node"
-        and e["name"].endswith("_kernel_time")
-        and "Conv" in e["args"].get("op_name", "")
-    ]
-
-
 def test_onnx_runs_one_convolution_per_gated_layer_at_batch_1(
     rnp, images, tmp_path
 ):
@@ -215,12 +190,12 @@ def test_onnx_runs_one_convolution_per_gated_layer_at_batch_1(
         }
         # small_cnn: the first convolution (not gated) and one per gated
         # layer; a mixed batch runs blocks.
-        assert len(_executed_convolutions(path, feeds)) == 3, a
+        assert helpers.executed_convolutions(path, feeds) == 3, a
     mixed = {
         "images": images[:2],
         "forced_actions": np.array([[1, 1], [4, 4]], np.int32),
     }
-    assert len(_executed_convolutions(path, mixed)) == 1 + 4 + 16
+    assert helpers.executed_convolutions(path, mixed) == 1 + 4 + 16
 
 
 def test_decisions_are_spread_so_parity_means_something(rnp, images):

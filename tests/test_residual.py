@@ -293,6 +293,44 @@ def test_exports_match_keras_with_mixed_actions(tmp_path):
     )
 
 
+@pytest.mark.parametrize("net", ["bottleneck", "inverted"])
+def test_onnx_runs_a_uniform_batch_block_by_block_in_one_branch(net, tmp_path):
+    rnp = keras_rnp.wrap(NETS[net](), seed=0)
+    x = images_for(rnp, 5, seed=2)
+    path = keras_rnp.export_onnx(
+        rnp, tmp_path / "forced.onnx", forced_actions=True
+    )
+    session = helpers.onnx_session(path)
+    blocks = rnp.num_gated_layers
+    convolutions = sum(
+        isinstance(layer, (L.Conv2D, L.DepthwiseConv2D))
+        for layer in rnp.backbone.layers
+    )
+    for a in range(1, rnp.groups + 1):
+        actions = np.full((5, blocks), a, np.int32)
+        got = helpers.onnx_outputs(
+            session, {"images": x, "forced_actions": actions}
+        )
+        np.testing.assert_allclose(
+            got["logits"],
+            rnp.run(x, actions=actions)["logits"],
+            rtol=1e-4,
+            atol=1e-4,
+        )
+        # Per block: is the batch uniform, then two levels of a tree over
+        # the 4 actions; inside, each convolution once, on its prefix.
+        ops = helpers.executed_ops(
+            path, {"images": x[:1], "forced_actions": actions[:1]}
+        )
+        assert ops["If"] == blocks * 3, (a, ops)
+        assert (
+            helpers.executed_convolutions(
+                path, {"images": x[:1], "forced_actions": actions[:1]}
+            )
+            == convolutions
+        ), a
+
+
 def test_onnx_export_reads_every_weight_outside_the_graph_s_branches(
     tmp_path, monkeypatch
 ):

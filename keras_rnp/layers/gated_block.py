@@ -13,6 +13,8 @@ import keras
 import tensorflow as tf
 
 from keras_rnp.layers.gated_conv2d import GatedConv2D
+from keras_rnp.layers.gated_conv2d import branch_tree
+from keras_rnp.layers.gated_conv2d import is_uniform
 
 
 @keras.saving.register_keras_serializable(package="keras_rnp")
@@ -125,19 +127,47 @@ class GatedBlock(keras.layers.Layer):
 
     def call_blocks(self, x, action, uniform_branch=False):
         """Inference for ONNX and LiteRT: each convolution as kernel
-        blocks run on the images that need them, and with
-        `uniform_branch`, one convolution on a kernel prefix for a batch
-        whose images share an action (see `GatedConv2D.call_blocks`)."""
-        for unit in self.units:
-            previous = action if unit.in_gated else None
-            out = unit.call_blocks(
-                x,
-                action,
-                previous_action=previous,
-                uniform_branch=uniform_branch,
+        blocks run on the images that need them (see
+        `GatedConv2D.call_blocks`). With `uniform_branch`, a batch whose
+        images share one action runs instead the whole block at that
+        action, each convolution on a kernel prefix, in one branch of a
+        tree over the `groups` actions (a batch of mixed actions: the
+        blocks): `1 + ceil(log2(groups))` branches per block and call,
+        and the block's inner tensors hold just their active channels."""
+        k = self.groups
+        action = tf.cast(action, tf.int32)
+        full = tf.fill([tf.shape(x)[0]], k)
+        # Every weight is cut here, outside the branches.
+        runners = [
+            unit.blocks_runner(
+                x.dtype, action if unit.in_gated else full, uniform_branch
             )
-            x = tf.concat(out, axis=-1) if unit.out_gated else out
-        return x
+            for unit in self.units
+        ]
+
+        def gathered():
+            y = x
+            for unit, (run, _) in zip(self.units, runners, strict=True):
+                out = run(y, action)
+                y = tf.concat(out, axis=-1) if unit.out_gated else out[0]
+            return y
+
+        if not uniform_branch:
+            return gathered()
+
+        def at(a):
+            y = x
+            for unit, (_, prefix) in zip(self.units, runners, strict=True):
+                a_in = a if unit.in_gated else k
+                y = prefix(y, a_in, a if unit.out_gated else k)
+            return y
+
+        cases = [lambda a=a: at(a) for a in range(1, k + 1)]
+        return tf.cond(
+            is_uniform(action),
+            lambda: branch_tree(action[0] - 1, cases),
+            gathered,
+        )
 
     def get_config(self):
         return {

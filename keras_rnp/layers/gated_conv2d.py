@@ -330,23 +330,88 @@ class GatedConv2D(keras.layers.Layer):
         Every weight is read outside the branches, so that the graph's
         branches take no variables (see `keras_rnp.export`).
         """
-        k, conv = self.groups, self.conv
-        batch = tf.shape(x)[0]
+        k = self.groups
         action = tf.cast(action, tf.int32)
+        if self.in_gated:
+            width = tf.cast(previous_action, tf.int32)
+        else:
+            width = tf.fill([tf.shape(x)[0]], k)
+        gathered, prefix = self.blocks_runner(x.dtype, width, uniform_branch)
+        if not uniform_branch:
+            outputs = gathered(x, action)
+            return outputs if self.out_gated else outputs[0]
+
+        widths = range(1, k + 1) if self.in_gated else [k]
+        actions = range(1, k + 1) if self.out_gated else [k]
+        cases = [(i, o) for i in widths for o in actions]
+
+        def uniform_case(a_in, a_out):
+            """The whole batch at input width `a_in` and action `a_out`:
+            the `a_out` groups computed, and zeros for the others."""
+            y = prefix(x, a_in, a_out)
+            if not self.out_gated:
+                return [y]
+            parts = tf.split(y, a_out, axis=-1)
+            # A tensor of its own per skipped group (tf2onnx cannot
+            # convert a branch that returns one tensor twice).
+            return parts + [tf.zeros_like(parts[0]) for _ in range(k - a_out)]
+
+        def uniform():
+            """Every image took the same action after the same input
+            width: one convolution on the kernel prefix they need, chosen
+            by a tree of branches (no gathers)."""
+            index = (width[0] - widths[0]) * len(actions)
+            if self.out_gated:
+                index += action[0] - actions[0]
+            return branch_tree(
+                index, [lambda c=c: uniform_case(*c) for c in cases]
+            )
+
+        outputs = tf.cond(
+            is_uniform(action * (k + 1) + width),
+            uniform,
+            lambda: gathered(x, action),
+        )
+        return outputs if self.out_gated else outputs[0]
+
+    def blocks_runner(self, dtype, width, uniform_branch):
+        """`call_blocks`' two ways to run the unit, with every weight they
+        read cut here, outside any branch (call it before `tf.cond`).
+
+        Args:
+            dtype: the compute dtype of the unit's input.
+            width: `[B]` int32, each image's input width (`groups` when the
+                input is not gated).
+            uniform_branch: also cut the kernel prefixes `prefix` reads.
+
+        Returns:
+            `(gathered, prefix)`: `gathered(x, action)`, the kernel blocks
+            each run on the images that need them (a list of `k` output
+            groups, or one tensor if the output is not gated); and
+            `prefix(x, a_in, a_out)`, the whole batch at input width
+            `a_in` and action `a_out` as one convolution on a kernel
+            prefix, returning the `a_out` groups computed (every channel
+            if the output is not gated); its `x` may hold just the `a_in`
+            groups it reads.
+        """
+        k, conv = self.groups, self.conv
         inputs = k if self.in_gated else 1
         outputs_count = k if self.out_gated else 1
         group_in = self.in_channels // inputs
         group_out = self.out_channels // outputs_count
-        if self.in_gated:
-            width = tf.cast(previous_action, tf.int32)
-        else:
-            width = tf.fill([batch], k)
         tail = list(enumerate(self.tail))
         # Folded only with one set of statistics: per-width ones differ
         # per image.
         folds = _folds_first_norm(conv, tail) and "0" not in self.width_norms
         if folds:
             tail.pop(0)
+        # The output channels each branch computes: one group (the
+        # blocks), or a prefix of `a` groups (a uniform batch).
+        ranges = {
+            (o * group_out, (o + 1) * group_out) for o in range(outputs_count)
+        }
+        if uniform_branch:
+            ranges |= {(0, a * group_out) for a in range(1, outputs_count + 1)}
         affines, depthwise = {}, {}
         for i, layer in tail:
             if isinstance(layer, _L.BatchNormalization):
@@ -356,14 +421,15 @@ class GatedConv2D(keras.layers.Layer):
                 else:
                     affines[i] = norm.image_affine(layer, width)
             elif isinstance(layer, _L.DepthwiseConv2D):
-                depthwise[i] = (
-                    tf.convert_to_tensor(layer.kernel),
-                    tf.convert_to_tensor(layer.bias)
-                    if layer.use_bias
-                    else None,
-                )
+                # Sliced here, outside the branches, so that each slice is
+                # a constant (onnxruntime runs a grouped convolution on
+                # weights computed inside a branch 2-3x slower).
+                depthwise[i] = {
+                    (start, stop): _depthwise_weights(layer, slice(start, stop))
+                    for start, stop in ranges
+                }
         kernel, bias = self._folded_weights(folds)
-        kernel = tf.cast(kernel, x.dtype)
+        kernel = tf.cast(kernel, dtype)
         shape = conv.compute_output_shape(
             (None, *self.input_spatial_shape, self.in_channels)
         )
@@ -392,20 +458,33 @@ class GatedConv2D(keras.layers.Layer):
             for o in range(outputs_count)
         }
 
-        def block(i, o):
+        def block(x, i, o):
             """Block (i, o) of the kernel and the input group it reads."""
             rows = slice(i * group_in, (i + 1) * group_in)
             return _known(x)[:, :, :, rows], blocks[i, o]
 
+        # The bias and batch-norm affines of each range of columns, cut
+        # here too.
+        biases = {
+            (start, stop): _known(bias)[start:stop]
+            for start, stop in ranges
+            if bias is not None
+        }
+        sliced_affines = {
+            (i, start, stop): tuple(_known(v)[..., start:stop] for v in pair)
+            for i, pair in affines.items()
+            for start, stop in ranges
+        }
+
         def finish(columns, total):
             """Bias and tail of the output `columns`, from their float32
             sum."""
-            y = tf.cast(total, x.dtype)
+            y = tf.cast(total, dtype)
             if bias is not None:
-                y = y + tf.cast(_known(bias)[columns], y.dtype)
+                y = y + tf.cast(biases[columns.start, columns.stop], y.dtype)
 
             def affine(i, layer):
-                scale, offset = (_known(v)[..., columns] for v in affines[i])
+                scale, offset = sliced_affines[i, columns.start, columns.stop]
                 if scale.shape.rank == 2:  # Per image.
                     return scale[:, None, None, :], offset[:, None, None, :]
                 return scale, offset
@@ -414,15 +493,16 @@ class GatedConv2D(keras.layers.Layer):
                 conv.activation(y), tail, affine, columns, depthwise
             )
 
-        def gathered():
+        def gathered(x, action):
             """Each block on the images that need it, added back in place."""
+            batch = tf.shape(x)[0]
             outputs = []
             for o in range(outputs_count):
                 needed = action > o if self.out_gated else action > 0
                 # Summed in float32: onnxruntime's CPU ScatterND cannot
                 # add float16 (mixed precision).
                 if o == 0:  # Every image computes block (0, 0): no gather.
-                    total = convolve(*block(0, 0))
+                    total = convolve(*block(x, 0, 0))
                 else:
                     total = tf.zeros(
                         tf.stack([batch, shape[1], shape[2], group_out]),
@@ -431,7 +511,7 @@ class GatedConv2D(keras.layers.Layer):
                 for i in range(1 if o == 0 else 0, inputs):
                     chosen = needed & (width > i) if self.in_gated else needed
                     rows = tf.where(chosen)
-                    part, kernel_block = block(i, o)
+                    part, kernel_block = block(x, i, o)
                     y = convolve(tf.gather_nd(part, rows), kernel_block)
                     # With oneDNN, a convolution on an empty batch (no
                     # image needs the block) returns the wrong shape: pin
@@ -444,60 +524,33 @@ class GatedConv2D(keras.layers.Layer):
                 outputs.append(y)
             return outputs
 
-        if not uniform_branch:
-            outputs = gathered()
-            return outputs if self.out_gated else outputs[0]
+        def rows(a_in):
+            return a_in * group_in if self.in_gated else self.in_channels
 
-        # One kernel prefix per (input width, action), cut outside the
-        # branches too.
-        widths = range(1, k + 1) if self.in_gated else [k]
-        actions = range(1, k + 1) if self.out_gated else [k]
-        cases = [(i, o) for i in widths for o in actions]
-        prefixes = {
-            (i, o): kernel[:, :, : i * group_in, : o * group_out]
-            for i, o in cases
-        }
+        def columns(a_out):
+            return a_out * group_out if self.out_gated else self.out_channels
 
-        def uniform_case(a_in, a_out):
+        # One kernel prefix per (input width, action).
+        prefixes = {}
+        if uniform_branch:
+            widths = range(1, k + 1) if self.in_gated else [k]
+            actions = range(1, k + 1) if self.out_gated else [k]
+            prefixes = {
+                (i, o): kernel[:, :, : rows(i), : columns(o)]
+                for i in widths
+                for o in actions
+            }
+
+        def prefix(x, a_in, a_out):
             """The whole batch at input width `a_in` and action `a_out`:
-            one convolution on a kernel prefix, then its bias and tail on
-            the `a_out` groups computed, and zeros for the others."""
-            part = _known(x)[:, :, :, : a_in * group_in]
-            columns = slice(0, a_out * group_out)
-            y = finish(columns, convolve(part, prefixes[a_in, a_out]))
-            if not self.out_gated:
-                return [y]
-            parts = tf.split(y, a_out, axis=-1)
-            # A tensor of its own per skipped group (tf2onnx cannot
-            # convert a branch that returns one tensor twice).
-            return parts + [tf.zeros_like(parts[0]) for _ in range(k - a_out)]
+            one convolution on a kernel prefix, then its bias and tail."""
+            part = _known(x)
+            if part.shape[-1] != rows(a_in):
+                part = part[:, :, :, : rows(a_in)]
+            y = convolve(part, prefixes[a_in, a_out])
+            return finish(slice(0, columns(a_out)), y)
 
-        def uniform():
-            """Every image took the same action after the same input
-            width: one convolution on the kernel prefix they need, chosen
-            by a tree of branches (no gathers)."""
-            index = (width[0] - widths[0]) * len(actions)
-            if self.out_gated:
-                index += action[0] - actions[0]
-
-            def choose(low, high):
-                if high - low == 1:
-                    return uniform_case(*cases[low])
-                middle = (low + high) // 2
-                return tf.cond(
-                    index < middle,
-                    lambda: choose(low, middle),
-                    lambda: choose(middle, high),
-                )
-
-            return choose(0, len(cases))
-
-        key = action * (k + 1) + width
-        same = tf.logical_and(
-            tf.size(key) > 0, tf.reduce_min(key) == tf.reduce_max(key)
-        )
-        outputs = tf.cond(same, uniform, gathered)
-        return outputs if self.out_gated else outputs[0]
+        return gathered, prefix
 
     def _folded_weights(self, folds):
         """The float32 kernel and bias (None without one), with the first
@@ -542,28 +595,36 @@ def _run_tail(y, tail, affine, channels, depthwise=None):
     """The tail's layers in inference on `y`, the `channels` (a slice) of
     the unit's output: each batch norm as `y * scale + offset` from
     `affine(index, layer)`, a depthwise convolution on its slice of
-    filters (its `(kernel, bias)` from `depthwise[index]` when given, read
-    from the layer otherwise), dropout skipped, the rest as they are.
-    `tail` is a list of `(index, layer)`."""
+    filters (its `(kernel, bias)` from `depthwise[index][channels.start,
+    channels.stop]` when given, sliced from the layer otherwise), dropout
+    skipped, the rest as they are. `tail` is a list of `(index, layer)`."""
     for i, layer in tail:
         if isinstance(layer, _L.BatchNormalization):
             scale, offset = affine(i, layer)
             y = y * tf.cast(scale, y.dtype) + tf.cast(offset, y.dtype)
         elif isinstance(layer, _L.DepthwiseConv2D):
-            weights = (depthwise or {}).get(i)
-            if weights is None:
-                weights = (layer.kernel, layer.bias if layer.use_bias else None)
-            y = _depthwise(layer, y, channels, *weights)
+            if depthwise is None:
+                weights = _depthwise_weights(layer, channels)
+            else:
+                weights = depthwise[i][channels.start, channels.stop]
+            y = _depthwise(layer, y, *weights)
         elif not isinstance(layer, _L.Dropout):
             y = layer(y, training=False)
     return y
 
 
-def _depthwise(layer, y, channels, kernel, bias):
-    """A depthwise convolution (one filter per channel) on `channels` (a
-    slice, its bounds ints or scalar tensors) of its input, with the
-    layer's `kernel` and `bias` (None without one)."""
-    kernel = _known(kernel)[:, :, channels, :]
+def _depthwise_weights(layer, channels):
+    """A depthwise layer's kernel and bias (None without one) for
+    `channels` (a slice, its bounds ints or scalar tensors)."""
+    kernel = _known(tf.convert_to_tensor(layer.kernel))[:, :, channels, :]
+    if not layer.use_bias:
+        return kernel, None
+    return kernel, _known(tf.convert_to_tensor(layer.bias))[channels]
+
+
+def _depthwise(layer, y, kernel, bias):
+    """A depthwise convolution (one filter per channel) of `y` with the
+    `kernel` and `bias` (None without one) of its channels."""
     kernel = tf.reshape(tf.cast(kernel, y.dtype), [*layer.kernel_size, -1, 1])
     y = tf.nn.depthwise_conv2d(
         y,
@@ -573,8 +634,33 @@ def _depthwise(layer, y, channels, kernel, bias):
         dilations=layer.dilation_rate,
     )
     if bias is not None:
-        y = tf.nn.bias_add(y, tf.cast(_known(bias)[channels], y.dtype))
+        y = tf.nn.bias_add(y, tf.cast(bias, y.dtype))
     return layer.activation(y)
+
+
+def is_uniform(key):
+    """Whether a non-empty `[B]` tensor holds one value throughout."""
+    return tf.logical_and(
+        tf.size(key) > 0, tf.reduce_min(key) == tf.reduce_max(key)
+    )
+
+
+def branch_tree(index, cases):
+    """`cases[index]()` for a scalar int32 tensor `index`, as a balanced
+    tree of `tf.cond` (ONNX `If` nodes): `ceil(log2(len(cases)))` branches
+    run per call."""
+
+    def choose(low, high):
+        if high - low == 1:
+            return cases[low]()
+        middle = (low + high) // 2
+        return tf.cond(
+            index < middle,
+            lambda: choose(low, middle),
+            lambda: choose(middle, high),
+        )
+
+    return choose(0, len(cases))
 
 
 def _known(tensor):
