@@ -128,12 +128,14 @@ class GatedBlock(keras.layers.Layer):
     def call_blocks(self, x, action, uniform_branch=False):
         """Inference for ONNX and LiteRT: each convolution as kernel
         blocks run on the images that need them (see
-        `GatedConv2D.call_blocks`). With `uniform_branch`, a batch whose
-        images share one action runs instead the whole block at that
-        action, each convolution on a kernel prefix, in one branch of a
-        tree over the `groups` actions (a batch of mixed actions: the
-        blocks): `1 + ceil(log2(groups))` branches per block and call,
-        and the block's inner tensors hold just their active channels."""
+        `GatedConv2D.call_blocks`; LiteRT). With `uniform_branch` (ONNX),
+        the whole block runs at one action at a time, each convolution on
+        a kernel prefix, its inner tensors holding just their active
+        channels: a batch whose images share one action in one branch of
+        a tree over the `groups` actions (`1 + ceil(log2(groups))`
+        branches per block and call), a mixed batch action by action on
+        the images that took it, each in a branch skipped when none
+        did."""
         k = self.groups
         action = tf.cast(action, tf.int32)
         full = tf.fill([tf.shape(x)[0]], k)
@@ -155,18 +157,39 @@ class GatedBlock(keras.layers.Layer):
         if not uniform_branch:
             return gathered()
 
-        def at(a):
-            y = x
+        def at(a, y):
             for unit, (_, prefix) in zip(self.units, runners, strict=True):
                 a_in = a if unit.in_gated else k
                 y = prefix(y, a_in, a if unit.out_gated else k)
             return y
 
-        cases = [lambda a=a: at(a) for a in range(1, k + 1)]
+        def by_action():
+            """Each action's images gathered and run as a uniform batch,
+            the outputs put back in order (as `keras_rnp.execution`'s
+            grouping does in TensorFlow)."""
+            parts, rows = [], []
+            for a in range(1, k + 1):
+                chosen = tf.cast(tf.where(tf.equal(action, a))[:, 0], tf.int32)
+                empty = tf.zeros([0, *self.unit_output_shape], x.dtype)
+                parts.append(
+                    tf.cond(
+                        tf.size(chosen) > 0,
+                        lambda a=a, chosen=chosen: at(a, tf.gather(x, chosen)),
+                        lambda empty=empty: empty,
+                    )
+                )
+                rows.append(chosen)
+            order = tf.concat(rows, axis=0)
+            inverse = tf.scatter_nd(
+                order[:, None], tf.range(tf.size(order)), tf.shape(order)
+            )
+            return tf.gather(tf.concat(parts, axis=0), inverse)
+
+        cases = [lambda a=a: at(a, x) for a in range(1, k + 1)]
         return tf.cond(
             is_uniform(action),
             lambda: branch_tree(action[0] - 1, cases),
-            gathered,
+            by_action,
         )
 
     def get_config(self):

@@ -476,15 +476,35 @@ class GatedConv2D(keras.layers.Layer):
             for start, stop in ranges
         }
 
-        def finish(columns, total):
+        # With per-width statistics, a uniform batch's affines at each
+        # input width: one row, whatever the batch (a prefix may run on
+        # some of the images).
+        width_affines = {}
+        if uniform_branch:
+            widths = range(1, k + 1) if self.in_gated else [k]
+            for i, layer in tail:
+                norm = self.width_norms.get(str(i))
+                if isinstance(layer, _L.BatchNormalization) and norm:
+                    for a_in in widths:
+                        pair = norm.image_affine(layer, tf.constant([a_in]))
+                        for start, stop in ranges:
+                            width_affines[i, a_in, start, stop] = tuple(
+                                v[:, start:stop] for v in pair
+                            )
+
+        def finish(columns, total, a_in=None):
             """Bias and tail of the output `columns`, from their float32
-            sum."""
+            sum; `a_in` the input width of every image, if one."""
             y = tf.cast(total, dtype)
             if bias is not None:
                 y = y + tf.cast(biases[columns.start, columns.stop], y.dtype)
 
             def affine(i, layer):
-                scale, offset = sliced_affines[i, columns.start, columns.stop]
+                key = (i, a_in, columns.start, columns.stop)
+                scale, offset = (
+                    width_affines.get(key)
+                    or sliced_affines[i, columns.start, columns.stop]
+                )
                 if scale.shape.rank == 2:  # Per image.
                     return scale[:, None, None, :], offset[:, None, None, :]
                 return scale, offset
@@ -548,7 +568,7 @@ class GatedConv2D(keras.layers.Layer):
             if part.shape[-1] != rows(a_in):
                 part = part[:, :, :, : rows(a_in)]
             y = convolve(part, prefixes[a_in, a_out])
-            return finish(slice(0, columns(a_out)), y)
+            return finish(slice(0, columns(a_out)), y, a_in)
 
         return gathered, prefix
 
