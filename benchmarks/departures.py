@@ -1,0 +1,175 @@
+"""Does a trained policy gain from starting at a good fixed path?
+
+`benchmarks/fixed_paths.py` showed a learned policy losing to the best
+fixed path of its own weights at no more FLOPs. This script asks whether
+the policy's per-image departures are worth keeping when the fixed path is
+the default: at gated layer `t` each image takes
+
+    argmax_a [Q(s_t, a) - budget * cost_t(a) + margin * [a == path_t]]
+
+so `margin` 0 is the policy as trained and a huge margin is the fixed path
+`path`; in between, an image leaves the path only where its Q-values
+prefer another action by more than `margin`. For each default path and
+margin it prints the accuracy, the FLOPs ratio, the spread of per-image
+FLOPs and the rank correlation of an image's FLOPs with the full network's
+loss, on the validation split (to choose) and the test split (to report).
+
+    python benchmarks/departures.py --data_dir=../shared/data/cifar10 \\
+        --model=runs/proxy_f1/rnp_p0.07.keras \\
+        --paths=2232,3232,2132 --margins=0,0.05,0.1,0.2,0.5,inf
+"""
+
+import os
+import time
+
+from absl import app
+from absl import flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_rnp  # noqa: E402
+from keras_rnp import execution  # noqa: E402
+from keras_rnp import io_utils  # noqa: E402
+from keras_rnp.data_utils import load_split  # noqa: E402
+from keras_rnp.evaluation import accuracy  # noqa: E402
+from keras_rnp.evaluation import flops_ratio_and_spread  # noqa: E402
+from keras_rnp.evaluation import per_image_losses  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "A trained RNP model (.keras).")
+flags.DEFINE_string("dataset", "cifar10", "tfds dataset name.")
+flags.DEFINE_string("data_dir", None, "ImageFolder or tfds data directory.")
+flags.DEFINE_list("splits", ["validation", "test"], "Splits to measure.")
+flags.DEFINE_list(
+    "paths", ["2232"], "Default paths, one digit (action) per gated layer."
+)
+flags.DEFINE_list(
+    "margins", ["0", "0.05", "0.1", "0.2", "0.5", "inf"], "Margins."
+)
+flags.DEFINE_float("budget", 0.0, "The run-time budget weight.")
+flags.DEFINE_integer("batch_size", 500, "Images per call.")
+flags.DEFINE_string(
+    "results", "benchmarks/results/departures.json", "Where to write JSON."
+)
+flags.mark_flag_as_required("model")
+
+
+def departing_run(rnp):
+    """`(images, path [L], margin) -> (logits, actions, flops)`, the policy
+    with `margin` added to the Q-value of each layer's `path` action."""
+    costs = tf.constant(np.asarray(rnp.action_cost), tf.float32)
+
+    @tf.function(reduce_retracing=True)
+    def run(images, path, margin):
+        def choose(t, q):
+            bonus = margin * tf.one_hot(path[t] - 1, rnp.groups)
+            scores = q - FLAGS.budget * costs[t] + bonus
+            return tf.argmax(scores, axis=-1, output_type=tf.int32) + 1
+
+        logits, actions, _ = execution.forward(
+            rnp.plan,
+            rnp.decision,
+            tf.cast(images, rnp.compute_dtype),
+            choose,
+            mode=execution.SLICED,
+        )
+        return logits, actions, rnp.flops_from_actions(actions)
+
+    return run
+
+
+def in_batches(function, images, *args):
+    outs = [
+        function(images[i : i + FLAGS.batch_size], *args)
+        for i in range(0, len(images), FLAGS.batch_size)
+    ]
+    return [np.concatenate([o[j].numpy() for o in outs]) for j in range(3)]
+
+
+def parse_path(text, layers, groups):
+    path = [int(c) for c in text]
+    if len(path) != layers or not all(1 <= a <= groups for a in path):
+        raise app.UsageError(
+            f"--paths expects {layers} digits in 1..{groups} each. "
+            f"Received: {text!r}"
+        )
+    return path
+
+
+def main(argv):
+    del argv
+    rnp = keras.saving.load_model(FLAGS.model)
+    if not isinstance(rnp, keras_rnp.RNPModel):
+        raise app.UsageError(
+            f"--model expects a trained RNP model; {FLAGS.model} holds a "
+            f"{type(rnp).__name__}."
+        )
+    layers, groups = rnp.num_gated_layers, rnp.groups
+    paths = [parse_path(p, layers, groups) for p in FLAGS.paths]
+    margins = [float(m) for m in FLAGS.margins]
+    run = departing_run(rnp)
+    rows = []
+    start = time.perf_counter()
+    print(
+        f"{'split':<11} {'path':<6} {'margin':>6} {'accuracy':>8} "
+        f"{'FLOPs':>6} {'spread':>6} {'rank':>6} {'left path':>9}"
+    )
+    for split in FLAGS.splits:
+        images, labels = load_split(FLAGS.dataset, split, FLAGS.data_dir)
+        full = rnp.run(images, actions=groups)["logits"].numpy()
+        losses = per_image_losses(labels, full)
+        for path in paths:
+            for margin in margins:
+                logits, actions, flops = in_batches(
+                    run,
+                    images,
+                    tf.constant(path, tf.int32),
+                    tf.constant(min(margin, 1e9), tf.float32),
+                )
+                ratio, spread = flops_ratio_and_spread(flops, rnp.full_flops)
+                row = {
+                    "split": split,
+                    "path": path,
+                    "margin": margin,
+                    "accuracy": accuracy(logits, labels),
+                    "flops_ratio": ratio,
+                    "flops_speedup": 1 / ratio,
+                    "spread": spread,
+                    "rank_correlation": (
+                        keras_rnp.rank_correlation(flops, losses)
+                        if np.ptp(flops) > 0
+                        else None
+                    ),
+                    "left_path": float(
+                        np.mean(np.any(actions != np.array(path), axis=1))
+                    ),
+                }
+                rows.append(row)
+                rank = row["rank_correlation"]
+                print(
+                    f"{split:<11} {''.join(map(str, path)):<6} "
+                    f"{margin:>6g} {row['accuracy']:>8.4f} "
+                    f"{1 / ratio:>5.2f}x {spread:>6.3f} "
+                    f"{'-' if rank is None else f'{rank:+.3f}':>6} "
+                    f"{row['left_path']:>9.3f}",
+                    flush=True,
+                )
+    seconds = time.perf_counter() - start
+    io_utils.write_json(
+        FLAGS.results,
+        {
+            "model": FLAGS.model,
+            "budget": FLAGS.budget,
+            "seconds": seconds,
+            "rows": rows,
+        },
+    )
+    print(f"{seconds:.0f} s. Wrote {FLAGS.results}")
+
+
+if __name__ == "__main__":
+    app.run(main)
