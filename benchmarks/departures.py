@@ -110,7 +110,15 @@ def main(argv):
         )
     layers, groups = rnp.num_gated_layers, rnp.groups
     paths = [parse_path(p, layers, groups) for p in FLAGS.paths]
-    margins = [float(m) for m in FLAGS.margins]
+    try:
+        margins = [float(m) for m in FLAGS.margins]
+    except ValueError:
+        margins = [-1.0]
+    if not all(m >= 0 for m in margins):  # Also refuses NaN.
+        raise app.UsageError(
+            "--margins expects numbers >= 0 (inf for the fixed path). "
+            f"Received: {FLAGS.margins}"
+        )
     run = departing_run(rnp)
     rows = []
     start = time.perf_counter()
@@ -120,8 +128,17 @@ def main(argv):
     )
     for split in FLAGS.splits:
         images, labels = load_split(FLAGS.dataset, split, FLAGS.data_dir)
-        full = rnp.run(images, actions=groups)["logits"].numpy()
-        losses = per_image_losses(labels, full)
+        full = np.concatenate(
+            [
+                rnp.run(images[i : i + FLAGS.batch_size], actions=groups)[
+                    "logits"
+                ].numpy()
+                for i in range(0, len(images), FLAGS.batch_size)
+            ]
+        )
+        losses = per_image_losses(
+            labels, full, from_logits=not rnp.ends_in_softmax
+        )
         for path in paths:
             for margin in margins:
                 logits, actions, flops = in_batches(

@@ -17,18 +17,20 @@
   stored once.
 - `SLICED_ONNX` (inference for tf2onnx and onnxruntime, whose fast
   convolutions need constant weights: a kernel sliced at run time ran 8.3x
-  slower at batch 1, `benchmarks/onnx_weights.py`): the blocks of
-  `SLICED_BLOCKS` for mixed batches; a batch whose images all took one
-  action after one input width (always so at batch 1) runs one
-  convolution on the kernel prefix it needs, chosen by a tree of
-  branches. `keras_rnp.export_onnx` keeps the weights out of tf2onnx's
+  slower at batch 1, `benchmarks/onnx_weights.py`): a batch whose images
+  all took one action after one input width (always so at batch 1) runs
+  one convolution on the kernel prefix it needs, chosen by a tree of
+  branches; a mixed batch, the blocks of `SLICED_BLOCKS` in a chain, and
+  in a residual block each action's images as a uniform batch.
+  `keras_rnp.export_onnx` keeps the weights out of tf2onnx's
   constant folding: each kernel is stored once, and its blocks and
   prefixes are slices that onnxruntime folds into constant weights when it
   loads the model.
 
 A residual network (`keras_rnp.residual_planner.ResidualPlan`) runs its
 stream layers at full width and each gated block in the same four modes,
-one action per block and image (`keras_rnp.layers.GatedBlock`).
+one action per block and image (`keras_rnp.layers.GatedBlock`; in
+`SLICED_ONNX` the branches are per block, not per convolution).
 
 The work the sliced modes execute is what the plan's `path_flops` counts.
 """

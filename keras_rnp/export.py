@@ -228,14 +228,16 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
     convolution, and stores every weight once. A batch whose images all
     took one action at a gated convolution (always so at batch 1) runs one
     convolution on the kernel prefix it needs, chosen by a tree of `If`
-    nodes; a mixed batch runs the kernel as `k x k` blocks (input group by
-    output group), each on exactly the images whose actions include it
-    (gathered, then added back in place). The prefixes and blocks are
-    `Slice` nodes of the stored kernel, which onnxruntime folds into
-    constant weights (which its fast convolutions need) when it creates a
-    session: in memory, a session holds each gated kernel about
-    `1 + (1 + 2 + ... + k)^2 / k^2` times (7.25 at 4 groups). The write is
-    atomic.
+    nodes; in a chain, a mixed batch runs the kernel as `k x k` blocks
+    (input group by output group), each on exactly the images whose
+    actions include it (gathered, then added back in place); a residual
+    block runs a mixed batch action by action, each action's images as a
+    uniform batch. The prefixes and blocks are `Slice` nodes of the stored
+    kernel, which onnxruntime folds into constant weights (which its fast
+    convolutions need) when it creates a session: in memory, a session
+    holds each gated kernel of a chain about `1 + (1 + 2 + ... + k)^2 /
+    k^2` times (7.25 at 4 groups), of a residual block fewer (its prefixes
+    share one input and output width). The write is atomic.
 
     ONNX graphs cannot raise errors: where the SavedModel refuses a
     negative or non-finite budget and forced actions outside `1..groups`,

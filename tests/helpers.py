@@ -176,16 +176,15 @@ def executed_ops(session_path, feeds):
         events = json.load(f)
     os.remove(profile)
     return collections.Counter(
-        e["args"]["op_name"]
+        e["args"].get("op_name", "")
         for e in events
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
     )
 
 
-def executed_convolutions(session_path, feeds):
-    """How many convolutions onnxruntime runs for one call (fused or not,
-    in branches too)."""
-    ops = executed_ops(session_path, feeds)
+def convolutions(ops):
+    """How many convolutions (fused or not) an `executed_ops` count
+    holds."""
     return sum(count for op, count in ops.items() if "Conv" in op)
 
 

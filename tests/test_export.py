@@ -190,12 +190,14 @@ def test_onnx_runs_one_convolution_per_gated_layer_at_batch_1(
         }
         # small_cnn: the first convolution (not gated) and one per gated
         # layer; a mixed batch runs blocks.
-        assert helpers.executed_convolutions(path, feeds) == 3, a
+        ops = helpers.executed_ops(path, feeds)
+        assert helpers.convolutions(ops) == 3, a
     mixed = {
         "images": images[:2],
         "forced_actions": np.array([[1, 1], [4, 4]], np.int32),
     }
-    assert helpers.executed_convolutions(path, mixed) == 1 + 4 + 16
+    ops = helpers.executed_ops(path, mixed)
+    assert helpers.convolutions(ops) == 1 + 4 + 16
 
 
 def test_decisions_are_spread_so_parity_means_something(rnp, images):

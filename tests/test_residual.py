@@ -295,7 +295,7 @@ def test_exports_match_keras_with_mixed_actions(tmp_path):
 
 @pytest.mark.parametrize("net", ["bottleneck", "inverted"])
 def test_onnx_runs_a_uniform_batch_block_by_block_in_one_branch(net, tmp_path):
-    rnp = keras_rnp.wrap(NETS[net](), seed=0)
+    rnp = keras_rnp.wrap(NETS[net](), groups=4, seed=0)
     x = images_for(rnp, 5, seed=2)
     path = keras_rnp.export_onnx(
         rnp, tmp_path / "forced.onnx", forced_actions=True
@@ -323,12 +323,39 @@ def test_onnx_runs_a_uniform_batch_block_by_block_in_one_branch(net, tmp_path):
             path, {"images": x[:1], "forced_actions": actions[:1]}
         )
         assert ops["If"] == blocks * 3, (a, ops)
-        assert (
-            helpers.executed_convolutions(
-                path, {"images": x[:1], "forced_actions": actions[:1]}
+        assert helpers.convolutions(ops) == convolutions, (a, ops)
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+def test_onnx_mixed_batches_with_per_width_statistics(policy, tmp_path):
+    # Mixed actions run block by block, each action's images as a uniform
+    # batch: each must get its own width's statistics, in half precision
+    # too.
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        rnp = keras_rnp.wrap(
+            inverted_residual_net(), groups=4, width_aware_bn=True, seed=0
+        )
+        rng = np.random.default_rng(3)
+        for norm in rnp.width_norms:
+            norm.set_weights(
+                [rng.uniform(0.5, 1.5, w.shape) for w in norm.get_weights()]
             )
-            == convolutions
-        ), a
+        x = images_for(rnp, 9, seed=6)
+        actions = random_actions(rnp, 9, seed=7)
+        want = rnp.run(x, actions=actions)["logits"]
+        path = keras_rnp.export_onnx(
+            rnp, tmp_path / "m.onnx", forced_actions=True
+        )
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    got = helpers.onnx_outputs(
+        helpers.onnx_session(path), {"images": x, "forced_actions": actions}
+    )
+    tolerance = 1e-4 if policy == "float32" else 2e-2
+    np.testing.assert_allclose(
+        got["logits"], want, rtol=tolerance, atol=tolerance
+    )
 
 
 def test_onnx_export_reads_every_weight_outside_the_graph_s_branches(

@@ -386,8 +386,8 @@ class GatedConv2D(keras.layers.Layer):
 
         Returns:
             `(gathered, prefix)`: `gathered(x, action)`, the kernel blocks
-            each run on the images that need them (a list of `k` output
-            groups, or one tensor if the output is not gated); and
+            each run on the images that need them (a list of the `k` output
+            groups, or of one tensor if the output is not gated); and
             `prefix(x, a_in, a_out)`, the whole batch at input width
             `a_in` and action `a_out` as one convolution on a kernel
             prefix, returning the `a_out` groups computed (every channel
