@@ -421,9 +421,10 @@ class GatedConv2D(keras.layers.Layer):
                 else:
                     affines[i] = norm.image_affine(layer, width)
             elif isinstance(layer, _L.DepthwiseConv2D):
-                # Sliced here, outside the branches, so that each slice is
-                # a constant (onnxruntime runs a grouped convolution on
-                # weights computed inside a branch 2-3x slower).
+                # Sliced here, outside the branches, so that onnxruntime
+                # folds each slice into a constant; one taken inside a
+                # branch is recomputed every call, and the grouped
+                # convolution reading it runs on non-constant weights.
                 depthwise[i] = {
                     (start, stop): _depthwise_weights(layer, slice(start, stop))
                     for start, stop in ranges
