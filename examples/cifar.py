@@ -56,6 +56,7 @@ from keras_rnp import datasets  # noqa: E402
 from keras_rnp import distribute  # noqa: E402
 from keras_rnp import evaluation  # noqa: E402
 from keras_rnp import io_utils  # noqa: E402
+from keras_rnp.data_utils import load_split  # noqa: E402
 from keras_rnp.policy import epsilon_decay_steps_for  # noqa: E402
 from keras_rnp.q_learning import phase_counts  # noqa: E402
 from keras_rnp.static_pruning import l1_prune_to_flops  # noqa: E402
@@ -211,6 +212,14 @@ class Config:
         "Static pruning also prunes the first convolution, with the keep "
         "fraction of the others (--nostatic_prune_first keeps it whole: "
         "a weaker baseline, 1.1 points lower at 4x on CIFAR-10).",
+    )
+    path_speedups: tuple = setting(
+        (),
+        "For each of these FLOPs reductions, a default path and margin for "
+        "the first penalty's model, chosen on the validation split "
+        "(keras_rnp.choose_path), measured on the test split.",
+        item=float,
+        minimum=1.0,
     )
     budgets: tuple = setting(
         (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3),
@@ -692,6 +701,7 @@ def evaluate(config):
         "full": {"accuracy": backbone_accuracy, "flops": full_flops},
         "rnp": [],
         "sweep": [],
+        "paths": [],
         "static": [],
     }
     print(
@@ -724,6 +734,7 @@ def evaluate(config):
                 per_image[f"flops_b{budget:g}"] = rep.flops
             per_image["labels"] = labels
             per_image["full_losses"] = losses
+            results["paths"] = default_paths(config, rnp, test, summarize)
     for speedup in config.static_speedups:
         model = _load(config.path(f"{static_name(speedup)}.keras"), "model")
         _, _, static_predictions = _predict(model, test)
@@ -754,6 +765,43 @@ def evaluate(config):
     return results
 
 
+def default_paths(config, rnp, test, summarize):
+    """For each of `--path_speedups`, the default path and margin chosen
+    on the validation split, then the model under them on the test split
+    (`summarize`'s row), beside the fixed path alone."""
+    if not config.path_speedups:
+        return []
+    images, labels = load_split(config.dataset, "validation", config.data_dir)
+    if config.limit:
+        images, labels = images[: config.limit], labels[: config.limit]
+    rows = []
+    for speedup in config.path_speedups:
+        print(f"-- {rnp.name}: a default path at {speedup:g}x --")
+        choice = keras_rnp.choose_path(
+            rnp, images, labels, speedup, batch_size=config.batch_size
+        )
+        path = choice["path"]
+        correct = []
+        for x, y in test:
+            out = rnp.run(x, actions=np.tile(path, (len(x), 1)))
+            correct.append(np.argmax(out["logits"], -1) == y.numpy())
+        rnp.set_default_path(path, choice["margin"])
+        try:
+            row, _ = summarize(rnp, rnp.penalty, 0.0)
+        finally:
+            rnp.set_default_path(None)
+        row.update(
+            target_speedup=speedup,
+            path=list(path),
+            margin=choice["margin"],
+            validation_accuracy=choice["accuracy"],
+            fixed_path_accuracy=float(np.mean(np.concatenate(correct))),
+            fixed_path_flops_ratio=1 / choice["fixed_path"]["speedup"],
+        )
+        rows.append(row)
+    return rows
+
+
 def format_results(results):
     """The headline table: accuracy and FLOPs of every model."""
     full = results["full"]
@@ -775,6 +823,20 @@ def format_results(results):
                 f"{row['flops_spread']:>7.3f} "
                 f"{row['loss_rank_correlation']:>9.3f}"
             )
+    for row in results.get("paths", []):
+        name = f"RNP path {''.join(map(str, row['path']))} m={row['margin']:g}"
+        lines.append(
+            f"{name:<22} {row['accuracy']:>9.4f} "
+            f"{row['mean_flops'] / 1e6:>9.2f} "
+            f"{1 / row['flops_ratio']:>8.2f}x "
+            f"{row['flops_spread']:>7.3f} "
+            f"{row['loss_rank_correlation']:>9.3f}"
+        )
+        name = f"  fixed path {''.join(map(str, row['path']))}"
+        lines.append(
+            f"{name:<22} {row['fixed_path_accuracy']:>9.4f} "
+            f"{'':>9} {1 / row['fixed_path_flops_ratio']:>8.2f}x"
+        )
     for row in results["static"]:
         name = f"static L1 {row['speedup']:g}x"
         lines.append(
@@ -783,6 +845,16 @@ def format_results(results):
         )
     if results.get("comparison"):
         lines.extend(format_comparison(results["comparison"]))
+    static = {row["speedup"]: row["accuracy"] for row in results["static"]}
+    for row in results.get("paths", []):
+        if row["target_speedup"] in static:
+            difference = row["accuracy"] - static[row["target_speedup"]]
+            lines.append(
+                f"at {row['target_speedup']:g}x: static "
+                f"{static[row['target_speedup']]:.4f}, RNP with a default "
+                f"path {row['accuracy']:.4f} ({difference:+.4f}) at "
+                f"{1 / row['flops_ratio']:.2f}x"
+            )
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ from keras_rnp import datasets
 from keras_rnp import distribute
 from keras_rnp import layers
 from keras_rnp import static_pruning
+from keras_rnp.evaluation import choose_path
 from keras_rnp.export import export_litert
 from keras_rnp.export import export_onnx
 from keras_rnp.export import export_saved_model
@@ -26,6 +27,7 @@ __all__ = [
     "RNPModel",
     "Report",
     "callbacks",
+    "choose_path",
     "count_flops",
     "datasets",
     "distribute",

@@ -3,7 +3,8 @@
 Per image: `accuracy`, `per_image_losses` and `flops_ratio_and_spread` turn
 a model's outputs into the numbers the reports and tables print. Paths of an
 RNP model: `uniform_paths` (every gated layer at the same width) and
-`candidate_paths` (fixed per-layer actions to try). Comparisons:
+`candidate_paths` (fixed per-layer actions to try); `choose_path` (a
+default path and margin, chosen on validation data). Comparisons:
 `interpolate_accuracy`, `compare` (RNP against the full network and static
 pruning) and `pareto` (the accuracy-FLOPs front).
 """
@@ -282,3 +283,167 @@ def uniform_paths(model, images, labels, groups, gate_first=False):
             }
         )
     return rows
+
+
+def choose_path(
+    rnp,
+    images,
+    labels,
+    speedup,
+    margins=(0.0, 0.05, 0.1, 0.2, 0.5, 1.0),
+    max_paths=1024,
+    batch_size=256,
+):
+    """Chooses a default path and margin for an RNP model on validation
+    data (see `RNPModel`'s `default_path`).
+
+    1. The path: the most accurate fixed path (one action per gated layer)
+       whose FLOPs, the decision network's included, are at most
+       `rnp.full_flops / speedup`. Every path is measured when there are at
+       most `max_paths`; otherwise a greedy descent from the full path
+       lowers, one group at a time, the layer whose lowering keeps the
+       most accuracy, until the path fits.
+    2. The margin: the decisions under that path and each margin (budget
+       0), the most accurate of those whose mean FLOPs also fit (ties: the
+       smaller margin); the largest margin if none fits.
+
+    Leaves `rnp` as it was; apply the choice with
+    `rnp.set_default_path(choice["path"], choice["margin"])`. Measure the
+    result on other images than those it was chosen on.
+
+    Args:
+        rnp: a `keras_rnp.RNPModel`.
+        images: `[N, H, W, C]` validation images.
+        labels: `[N]` integer labels.
+        speedup: the FLOPs reduction to reach, a number >= 1 (full FLOPs
+            over the mean FLOPs per image).
+        margins: the margins to try, numbers >= 0.
+        max_paths: measure every path when there are at most this many.
+        batch_size: images per call.
+
+    Returns:
+        A dict: `"path"` (a tuple of ints), `"margin"`, `"accuracy"` and
+        `"speedup"` (of the decisions under both), `"fixed_path"` (the
+        path's own accuracy and speed-up, a dict) and the rows measured:
+        `"paths"` (`path`, `accuracy`, `speedup`) and `"margins"`
+        (`margin`, `accuracy`, `speedup`, `fits`).
+
+    Raises:
+        ValueError: for bad arguments, or a speed-up that no path reaches.
+    """
+    if not isinstance(rnp, RNPModel):
+        raise TypeError(
+            "Expected rnp to be a keras_rnp.RNPModel (see keras_rnp.wrap). "
+            f"Received: {type(rnp).__name__}"
+        )
+    images, labels = np.asarray(images), np.asarray(labels)
+    if len(images) == 0 or labels.shape != images.shape[:1]:
+        raise ValueError(
+            "Expected a non-empty batch of images [N, H, W, C] and labels "
+            f"[N]. Received: images.shape={images.shape}, "
+            f"labels.shape={labels.shape}"
+        )
+    margins = [float(m) for m in margins]
+    if not margins or not all(np.isfinite(m) and m >= 0 for m in margins):
+        raise ValueError(
+            "Expected margins to be one or more finite numbers >= 0. "
+            f"Received: margins={margins}"
+        )
+    for name, value in (("max_paths", max_paths), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"Expected {name} to be an int >= 1. Received: {name}={value!r}"
+            )
+    if not (np.isfinite(speedup) and speedup >= 1):
+        raise ValueError(
+            f"Expected speedup to be a number >= 1. Received: {speedup!r}"
+        )
+    layers, groups = rnp.num_gated_layers, rnp.groups
+    bound = rnp.full_flops / speedup
+    cheapest = float(rnp.flops_from_actions(np.ones((1, layers))).numpy()[0])
+    if cheapest > bound:
+        raise ValueError(
+            f"No path reaches a speed-up of {speedup}: the cheapest (one "
+            f"group everywhere, with the decision network) reaches "
+            f"{rnp.full_flops / cheapest:.3f}x. Received: speedup={speedup}"
+        )
+
+    def measure(actions=None):
+        logits, flops = [], []
+        for start in range(0, len(images), batch_size):
+            part = images[start : start + batch_size]
+            if actions is not None:
+                forced = np.broadcast_to(actions, (len(part), layers))
+                out = rnp.run(part, actions=forced)
+            else:
+                out = rnp.run(part)
+            logits.append(out["logits"].numpy())
+            flops.append(out["flops"].numpy())
+        return (
+            accuracy(np.concatenate(logits), labels),
+            rnp.full_flops / float(np.mean(np.concatenate(flops))),
+        )
+
+    measured = {}
+
+    def measure_path(path):
+        if path not in measured:
+            measured[path] = measure(np.asarray(path, np.int32))
+        return measured[path]
+
+    def fits(path):
+        flops = rnp.flops_from_actions(np.asarray([path])).numpy()[0]
+        return float(flops) <= bound
+
+    if groups**layers <= max_paths:
+        candidates = [
+            path
+            for path in itertools.product(range(1, groups + 1), repeat=layers)
+            if fits(path)
+        ]
+        # The most accurate; of equals, the cheapest.
+        path = max(candidates, key=measure_path)
+    else:
+        path = (groups,) * layers
+        while not fits(path):
+            lowered = [
+                path[:t] + (path[t] - 1,) + path[t + 1 :]
+                for t in range(layers)
+                if path[t] > 1
+            ]
+            path = max(lowered, key=measure_path)
+    fixed_accuracy, fixed_speedup = measure_path(path)
+
+    before = rnp.default_path, rnp.path_margin
+    rows = []
+    try:
+        for margin in margins:
+            rnp.set_default_path(path, margin)
+            acc, achieved = measure()
+            rows.append(
+                {
+                    "margin": margin,
+                    "accuracy": acc,
+                    "speedup": achieved,
+                    "fits": achieved >= speedup,
+                }
+            )
+    finally:
+        rnp.set_default_path(*before)
+    fitting = [row for row in rows if row["fits"]]
+    if fitting:
+        best = max(fitting, key=lambda r: (r["accuracy"], -r["margin"]))
+    else:
+        best = max(rows, key=lambda r: r["margin"])
+    return {
+        "path": path,
+        "margin": best["margin"],
+        "accuracy": best["accuracy"],
+        "speedup": best["speedup"],
+        "fixed_path": {"accuracy": fixed_accuracy, "speedup": fixed_speedup},
+        "paths": [
+            {"path": p, "accuracy": a, "speedup": s}
+            for p, (a, s) in measured.items()
+        ],
+        "margins": rows,
+    }

@@ -42,8 +42,33 @@ def action_costs(gated_flops, groups, penalty_mode="flat"):
     return (weights[:, None] * np.arange(groups)[None, :]).astype("float32")
 
 
-def greedy_actions(q_values, budget, cost, finite_images):
-    """`a = argmax_a [Q(s, a) - budget * cost(a)] + 1`, per image.
+def path_bonus(path, margin, groups):
+    """What a default path adds to the Q-values: `margin` on each layer's
+    path action, 0 elsewhere.
+
+    With it, an image leaves the path at a layer only where its Q-values
+    prefer another action by more than `margin` (see `RNPModel`'s
+    `default_path`).
+
+    Args:
+        path: the default action of each of the `L` gated layers, ints in
+            `1..groups`, or None (no default path).
+        margin: a number >= 0.
+        groups: actions per layer `k`.
+
+    Returns:
+        A float32 NumPy array `[L, k]`, or None without a path.
+    """
+    if path is None:
+        return None
+    bonus = np.zeros((len(path), groups), np.float32)
+    bonus[np.arange(len(path)), np.asarray(path) - 1] = margin
+    return bonus
+
+
+def greedy_actions(q_values, budget, cost, finite_images, bonus=None):
+    """`a = argmax_a [Q(s, a) - budget * cost(a) + bonus(a)] + 1`, per
+    image.
 
     Images whose pixels or scores are not finite (argmax means nothing
     there) take the full network, action `k`.
@@ -53,12 +78,16 @@ def greedy_actions(q_values, budget, cost, finite_images):
         budget: `[B]` budget weights (>= 0).
         cost: `[k]` the layer's action costs (see `action_costs`).
         finite_images: `[B]` bool, whether each image's pixels are finite.
+        bonus: None, or `[k]` added to every image's scores (the layer's
+            row of `path_bonus`).
 
     Returns:
         `[B]` int32 actions in `1..k`.
     """
     groups = q_values.shape[-1]
     scores = q_values - budget[:, None] * cost[None, :]
+    if bonus is not None:
+        scores = scores + bonus[None, :]
     action = tf.argmax(scores, axis=-1, output_type=tf.int32) + 1
     finite = finite_images & tf.reduce_all(tf.math.is_finite(scores), axis=-1)
     return tf.where(finite, action, groups)

@@ -108,6 +108,20 @@ class RNPModel(RNPTrainer, distribute.MultiWorkerFit, keras.Model):
             from the network being trained.
         double_dqn: Double DQN targets: the decision network picks the
             next action, the target network values it.
+        default_path: None (the paper: the greedy policy), or one action
+            per gated layer, ints in `1..groups`: a path the greedy
+            decisions keep unless an image's Q-values prefer another
+            action by more than `path_margin`,
+            `a_t = argmax_a [Q(s_t, a) - budget * cost_t(a) + path_margin
+            * [a == path_t]]`. Fixed paths of the shared weights can beat
+            the learned policy at the same FLOPs; this keeps the best of
+            them as the default and lets the decision network route only
+            the images it is sure about. Choose both on validation data
+            with `keras_rnp.choose_path`, set them with
+            `set_default_path()`; `run()`, `predict()`, training's greedy
+            decisions and every export use them.
+        path_margin: the margin, a number >= 0 (0 is the learned policy;
+            a margin larger than any Q-value difference the fixed path).
         **kwargs: base `keras.Model` arguments (`name`, ...).
 
     Example:
@@ -144,6 +158,8 @@ class RNPModel(RNPTrainer, distribute.MultiWorkerFit, keras.Model):
         sandwich_paths=0,
         target_update_steps=0,
         double_dqn=False,
+        default_path=None,
+        path_margin=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -195,6 +211,7 @@ class RNPModel(RNPTrainer, distribute.MultiWorkerFit, keras.Model):
             for norm in unit.width_norms.values()
         ]
         in_channels = [unit.in_channels for unit in self._plan.units]
+        self.set_default_path(default_path, path_margin)
         self.decision = DecisionNetwork(
             in_channels,
             self.groups,
@@ -281,6 +298,47 @@ class RNPModel(RNPTrainer, distribute.MultiWorkerFit, keras.Model):
         actions = tf.cast(actions, tf.float32)
         return self._plan.path_flops(actions, extra_flops=self.decision_flops)
 
+    def set_default_path(self, path, margin=0.0):
+        """Sets the path the greedy decisions keep and the margin by which
+        an image's Q-values must prefer another action to leave it (see
+        `default_path` and `path_margin` in the class doc; `choose_path`
+        picks both on validation data).
+
+        Saved with the model (its config); exports made afterwards use it.
+
+        Args:
+            path: None (the learned policy), or `L` ints in `1..groups`,
+                one per gated layer.
+            margin: a finite number >= 0.
+
+        Raises:
+            ValueError: for a path of the wrong length or with actions out
+                of range, or a negative or non-finite margin.
+        """
+        layers = len(self._plan.units)
+        validation.check_number("path_margin", margin, minimum=0.0)
+        if path is not None:
+            values = np.asarray(path)
+            ok = (
+                values.shape == (layers,)
+                and np.issubdtype(values.dtype, np.integer)
+                and values.min() >= 1
+                and values.max() <= self.groups
+            )
+            if not ok:
+                raise ValueError(
+                    f"default_path must be {layers} ints in 1..{self.groups}"
+                    " (one action per gated layer) or None. Received: "
+                    f"default_path={path!r}."
+                )
+            path = tuple(int(a) for a in values)
+        self.default_path = path
+        self.path_margin = float(margin)
+        # A NumPy array: traced functions embed it as a constant.
+        self._path_bonus = policy.path_bonus(path, margin, self.groups)
+        # run()'s compiled functions embed the old path: trace again.
+        _RUN_FUNCTIONS.pop(self, None)
+
     # ------------------------------------------------------------------
     # Forward pass.
 
@@ -326,9 +384,15 @@ class RNPModel(RNPTrainer, distribute.MultiWorkerFit, keras.Model):
             # no IsInf for float16.
             finite = tf.reduce_all(tf.math.is_finite(images), axis=[1, 2, 3])
 
+            bonus = self._path_bonus
+
             def choose(t, q):
                 action = policy.greedy_actions(
-                    q, budget, self.action_cost[t], finite
+                    q,
+                    budget,
+                    self.action_cost[t],
+                    finite,
+                    None if bonus is None else bonus[t],
                 )
                 if epsilon is not None:
                     step = self.step_counter
@@ -554,4 +618,6 @@ _ARGUMENTS = (
     "sandwich_paths",
     "target_update_steps",
     "double_dqn",
+    "default_path",
+    "path_margin",
 )

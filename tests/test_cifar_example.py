@@ -41,6 +41,7 @@ def test_every_step_runs_and_writes_its_results(tmp_path):
         batch_size=8,
         verbose=0,
         select_flops_ratio=0.9,
+        path_speedups=(2.0,),
     )
     config.steps = list(cifar.STEPS)
     results = cifar.run(config)
@@ -77,6 +78,21 @@ def test_every_step_runs_and_writes_its_results(tmp_path):
         layer["action_counts"][0] == 12
         for layer in results["sweep"][-1]["layers"]
     )
+    # A default path chosen on the validation split for 2x: its FLOPs
+    # (the decision network's included) within the bound, the model
+    # measured under it on the 12 test images.
+    (row,) = results["paths"]
+    assert row["target_speedup"] == 2.0 and row["images"] == 12
+    assert len(row["path"]) == 4 and row["margin"] in (
+        0,
+        0.05,
+        0.1,
+        0.2,
+        0.5,
+        1,
+    )
+    assert row["fixed_path_flops_ratio"] <= 0.5
+    assert 0.0 <= row["fixed_path_accuracy"] <= 1.0
     for row, speedup in zip(results["static"], [2.0, 4.0], strict=True):
         assert row["speedup"] == speedup
         assert row["flops_ratio"] <= 1 / speedup
@@ -316,6 +332,8 @@ def run_script(*flags):
     )
 
 
+@pytest.mark.slow  # 30 s of interpreter start-ups; the library's own
+# bad-input tests run by default.
 def test_bad_flags_and_missing_inputs_give_one_line_errors(tmp_path):
     result = run_script("--penalties=high")
     assert result.returncode != 0

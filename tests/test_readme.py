@@ -41,6 +41,8 @@ def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch):
         "train_ds": dataset,
         "val_ds": dataset,
         "test_ds": dataset,
+        "x_val": x,
+        "y_val": y,
         "tf": tf,
         "np": np,
         "keras": keras,
