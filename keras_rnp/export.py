@@ -289,7 +289,7 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
     _inline_captured_constants(model_proto, concrete, len(signature))
     _name_inputs(model_proto, [spec.name for spec in signature])
     _share_branch_initializers(model_proto)
-    second = FORCED_ACTIONS_DOC if forced_actions else BUDGET_DOC
+    second = FORCED_ACTIONS_DOC if forced_actions else budget_doc(rnp)
     model_proto.doc_string = (
         f"keras_rnp RNP model ({rnp.num_gated_layers} gated layers, "
         f"{rnp.groups} channel groups). Inputs: images float32 "
@@ -376,6 +376,22 @@ BUDGET_DOC = (
     "run-time trade-off, a_t = argmax_a [Q(s_t, a) - budget * cost_t(a)]; "
     "0 is the learned policy, larger values compute fewer channel groups."
 )
+
+
+def budget_doc(rnp):
+    """What `budget` means in `rnp`'s exports, its default path included."""
+    if rnp.default_path is None:
+        return BUDGET_DOC
+    return (
+        "budget float32 [N] (one per image) or [1] (one for the batch): the "
+        "run-time trade-off, a_t = argmax_a [Q(s_t, a) - budget * cost_t(a) "
+        f"+ {rnp.path_margin:g} * [a == path_t]], where path = "
+        f"{'-'.join(map(str, rnp.default_path))} is the model's default "
+        "path; 0 is the learned policy around it, larger values compute "
+        "fewer channel groups."
+    )
+
+
 FORCED_ACTIONS_DOC = (
     "forced_actions int32 [N, L]: the channel groups to compute at each "
     "gated layer, 1..groups (clipped)."

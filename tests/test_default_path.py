@@ -11,6 +11,7 @@ from helpers import small_cnn
 from helpers import spread_decisions
 
 import keras_rnp
+from keras_rnp import export as export_lib
 from keras_rnp import policy
 
 
@@ -193,3 +194,13 @@ def test_choose_path_refuses_bad_arguments():
         keras_rnp.choose_path(rnp, x, labels[:3], speedup=1.5)
     with pytest.raises(TypeError, match="keras_rnp.RNPModel"):
         keras_rnp.choose_path(keras.Sequential(), x, labels, speedup=1.5)
+
+
+def test_the_exports_say_how_the_path_enters_the_decisions():
+    rnp = _rnp()
+    assert export_lib.budget_doc(rnp) == export_lib.BUDGET_DOC
+    rnp.set_default_path((2, 3), 0.25)
+    assert (
+        "a_t = argmax_a [Q(s_t, a) - budget * cost_t(a) + 0.25 * "
+        "[a == path_t]], where path = 2-3 is the model's default path"
+    ) in export_lib.budget_doc(rnp)
