@@ -785,11 +785,12 @@ def default_paths(config, rnp, test, summarize):
         for x, y in test:
             out = rnp.run(x, actions=np.tile(path, (len(x), 1)))
             correct.append(np.argmax(out["logits"], -1) == y.numpy())
+        before = rnp.default_path, rnp.path_margin
         rnp.set_default_path(path, choice["margin"])
         try:
             row, _ = summarize(rnp, rnp.penalty, 0.0)
         finally:
-            rnp.set_default_path(None)
+            rnp.set_default_path(*before)
         row.update(
             target_speedup=speedup,
             path=list(path),

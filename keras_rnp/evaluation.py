@@ -14,6 +14,7 @@ import itertools
 import keras
 import numpy as np
 
+from keras_rnp import policy
 from keras_rnp.rnp_model import RNPModel
 from keras_rnp.wrap import wrap
 
@@ -304,8 +305,9 @@ def choose_path(
        lowers, one group at a time, the layer whose lowering keeps the
        most accuracy, until the path fits.
     2. The margin: the decisions under that path and each margin (budget
-       0), the most accurate of those whose mean FLOPs also fit (ties: the
-       smaller margin); the largest margin if none fits.
+       0), and the fixed path itself (`policy.FIXED_PATH_MARGIN`, always
+       a candidate: it fits); the most accurate of those whose mean FLOPs
+       also fit (ties: the smaller margin).
 
     Leaves `rnp` as it was; apply the choice with
     `rnp.set_default_path(choice["path"], choice["margin"])`. Measure the
@@ -317,7 +319,8 @@ def choose_path(
         labels: `[N]` integer labels.
         speedup: the FLOPs reduction to reach, a number >= 1 (full FLOPs
             over the mean FLOPs per image).
-        margins: the margins to try, numbers >= 0.
+        margins: the margins to try, numbers in `[0, 1e30]`; the fixed
+            path's (`policy.FIXED_PATH_MARGIN`) is always tried too.
         max_paths: measure every path when there are at most this many.
         batch_size: images per call.
 
@@ -337,24 +340,40 @@ def choose_path(
             f"Received: {type(rnp).__name__}"
         )
     images, labels = np.asarray(images), np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1:] == (1,):  # keras.datasets'
+        labels = labels[:, 0]
     if len(images) == 0 or labels.shape != images.shape[:1]:
         raise ValueError(
             "Expected a non-empty batch of images [N, H, W, C] and labels "
             f"[N]. Received: images.shape={images.shape}, "
             f"labels.shape={labels.shape}"
         )
-    margins = [float(m) for m in margins]
-    if not margins or not all(np.isfinite(m) and m >= 0 for m in margins):
+    try:
+        margins = sorted({float(m) for m in margins})
+    except (TypeError, ValueError):
+        margins = []
+    if not margins or not all(
+        0 <= m <= policy.FIXED_PATH_MARGIN for m in margins
+    ):
         raise ValueError(
-            "Expected margins to be one or more finite numbers >= 0. "
-            f"Received: margins={margins}"
+            "Expected margins to be one or more numbers in [0, "
+            f"{policy.FIXED_PATH_MARGIN:g}]. Received: margins={margins!r}"
         )
+    margins = sorted({*margins, policy.FIXED_PATH_MARGIN})
     for name, value in (("max_paths", max_paths), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, np.integer))
+            or value < 1
+        ):
             raise ValueError(
                 f"Expected {name} to be an int >= 1. Received: {name}={value!r}"
             )
-    if not (np.isfinite(speedup) and speedup >= 1):
+    if not (
+        isinstance(speedup, (int, float, np.number))
+        and np.isfinite(speedup)
+        and speedup >= 1
+    ):
         raise ValueError(
             f"Expected speedup to be a number >= 1. Received: {speedup!r}"
         )
@@ -378,22 +397,27 @@ def choose_path(
             else:
                 out = rnp.run(part)
             logits.append(out["logits"].numpy())
-            flops.append(out["flops"].numpy())
+            flops.append(out["flops"].numpy().astype(np.float64))
         return (
             accuracy(np.concatenate(logits), labels),
-            rnp.full_flops / float(np.mean(np.concatenate(flops))),
+            float(np.mean(np.concatenate(flops))),
         )
 
     measured = {}
 
     def measure_path(path):
+        """`(accuracy, -flops)`: of equally accurate paths, the cheaper."""
         if path not in measured:
-            measured[path] = measure(np.asarray(path, np.int32))
+            acc, flops = measure(np.asarray(path, np.int32))
+            measured[path] = (acc, -flops)
         return measured[path]
 
+    def within(flops):
+        # One test for paths and margins, up to float32 rounding.
+        return flops <= bound * (1 + 1e-6)
+
     def fits(path):
-        flops = rnp.flops_from_actions(np.asarray([path])).numpy()[0]
-        return float(flops) <= bound
+        return within(rnp.flops_from_actions(np.asarray([path])).numpy()[0])
 
     if groups**layers <= max_paths:
         candidates = [
@@ -412,38 +436,39 @@ def choose_path(
                 if path[t] > 1
             ]
             path = max(lowered, key=measure_path)
-    fixed_accuracy, fixed_speedup = measure_path(path)
+    fixed_accuracy, fixed_flops = measure_path(path)
 
     before = rnp.default_path, rnp.path_margin
     rows = []
     try:
         for margin in margins:
             rnp.set_default_path(path, margin)
-            acc, achieved = measure()
+            acc, flops = measure()
             rows.append(
                 {
                     "margin": margin,
                     "accuracy": acc,
-                    "speedup": achieved,
-                    "fits": achieved >= speedup,
+                    "speedup": rnp.full_flops / flops,
+                    "fits": bool(within(flops)),
                 }
             )
     finally:
         rnp.set_default_path(*before)
-    fitting = [row for row in rows if row["fits"]]
-    if fitting:
-        best = max(fitting, key=lambda r: (r["accuracy"], -r["margin"]))
-    else:
-        best = max(rows, key=lambda r: r["margin"])
+    # The fixed path's margin always fits, but for Q-values beyond float32.
+    fitting = [row for row in rows if row["fits"]] or rows[-1:]
+    best = max(fitting, key=lambda r: (r["accuracy"], -r["margin"]))
     return {
         "path": path,
         "margin": best["margin"],
         "accuracy": best["accuracy"],
         "speedup": best["speedup"],
-        "fixed_path": {"accuracy": fixed_accuracy, "speedup": fixed_speedup},
+        "fixed_path": {
+            "accuracy": fixed_accuracy,
+            "speedup": rnp.full_flops / -fixed_flops,
+        },
         "paths": [
-            {"path": p, "accuracy": a, "speedup": s}
-            for p, (a, s) in measured.items()
+            {"path": p, "accuracy": a, "speedup": rnp.full_flops / -f}
+            for p, (a, f) in measured.items()
         ],
         "margins": rows,
     }

@@ -42,6 +42,11 @@ def action_costs(gated_flops, groups, penalty_mode="flat"):
     return (weights[:, None] * np.arange(groups)[None, :]).astype("float32")
 
 
+# The largest margin: float32 holds it, and with it (at budget 0) every
+# image with finite Q-values keeps the path.
+FIXED_PATH_MARGIN = 1e30
+
+
 def path_bonus(path, margin, groups):
     """What a default path adds to the Q-values: `margin` on each layer's
     path action, 0 elsewhere.
@@ -86,10 +91,11 @@ def greedy_actions(q_values, budget, cost, finite_images, bonus=None):
     """
     groups = q_values.shape[-1]
     scores = q_values - budget[:, None] * cost[None, :]
+    # Checked before the bonus: a huge margin is not a non-finite score.
+    finite = finite_images & tf.reduce_all(tf.math.is_finite(scores), axis=-1)
     if bonus is not None:
         scores = scores + bonus[None, :]
     action = tf.argmax(scores, axis=-1, output_type=tf.int32) + 1
-    finite = finite_images & tf.reduce_all(tf.math.is_finite(scores), axis=-1)
     return tf.where(finite, action, groups)
 
 

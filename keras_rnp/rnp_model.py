@@ -120,8 +120,10 @@ class RNPModel(RNPTrainer, distribute.MultiWorkerFit, keras.Model):
             with `keras_rnp.choose_path`, set them with
             `set_default_path()`; `run()`, `predict()`, training's greedy
             decisions and every export use them.
-        path_margin: the margin, a number >= 0 (0 is the learned policy;
-            a margin larger than any Q-value difference the fixed path).
+        path_margin: the margin, a number in `[0, 1e30]` (0 is the
+            learned policy; at budget 0, a margin larger than any Q-value
+            difference, such as `keras_rnp.policy.FIXED_PATH_MARGIN`, the
+            fixed path).
         **kwargs: base `keras.Model` arguments (`name`, ...).
 
     Example:
@@ -309,14 +311,16 @@ class RNPModel(RNPTrainer, distribute.MultiWorkerFit, keras.Model):
         Args:
             path: None (the learned policy), or `L` ints in `1..groups`,
                 one per gated layer.
-            margin: a finite number >= 0.
+            margin: a number in `[0, 1e30]`.
 
         Raises:
             ValueError: for a path of the wrong length or with actions out
                 of range, or a negative or non-finite margin.
         """
         layers = len(self._plan.units)
-        validation.check_number("path_margin", margin, minimum=0.0)
+        validation.check_number(
+            "path_margin", margin, minimum=0.0, maximum=policy.FIXED_PATH_MARGIN
+        )
         if path is not None:
             values = np.asarray(path)
             ok = (
@@ -336,8 +340,17 @@ class RNPModel(RNPTrainer, distribute.MultiWorkerFit, keras.Model):
         self.path_margin = float(margin)
         # A NumPy array: traced functions embed it as a constant.
         self._path_bonus = policy.path_bonus(path, margin, self.groups)
-        # run()'s compiled functions embed the old path: trace again.
+        # Compiled functions embed the old path: run()'s are traced again;
+        # Keras' are made again, the train function in place (fit() reads
+        # it every step, so a change inside fit() applies from the next).
         _RUN_FUNCTIONS.pop(self, None)
+        for name, make in (
+            ("train_function", self.make_train_function),
+            ("test_function", self.make_test_function),
+            ("predict_function", self.make_predict_function),
+        ):
+            if getattr(self, name, None) is not None:
+                make(force=True)
 
     # ------------------------------------------------------------------
     # Forward pass.
@@ -439,7 +452,9 @@ class RNPModel(RNPTrainer, distribute.MultiWorkerFit, keras.Model):
                 trade-off at run time: `a_t = argmax_a [Q(s_t, a) - budget *
                 cost_t(a)]`, where `cost_t(a) = w_t (a - 1)` is what the
                 training penalty charges (`w_t = 1` for the flat penalty).
-                0 is the learned policy; larger values compute less.
+                0 is the learned policy; larger values compute less. With
+                a default path, `path_margin * [a == path_t]` is added
+                inside the argmax (see `set_default_path`).
 
         Returns:
             A dict of tensors: `"logits"` `[B, classes]` (what the backbone

@@ -52,7 +52,7 @@ def test_decisions_keep_the_path_unless_q_values_prefer_another_by_the_margin():
     policy_actions = rnp.run(x)["actions"].numpy()
     path = (2, 3)
     kept = {}
-    for margin in (0.0, 0.3, 1e6):
+    for margin in (0.0, 0.3, policy.FIXED_PATH_MARGIN):
         rnp.set_default_path(path, margin)
         out = rnp.run(x, budget=0.1)
         actions, q = out["actions"].numpy(), out["q_values"].numpy()
@@ -63,6 +63,7 @@ def test_decisions_keep_the_path_unless_q_values_prefer_another_by_the_margin():
         scores = q - 0.1 * cost[None] + policy.path_bonus(path, margin, 4)
         np.testing.assert_array_equal(actions, scores.argmax(-1) + 1)
         if margin == 0.0:  # The policy as trained.
+            rnp.set_default_path(None)
             np.testing.assert_array_equal(
                 actions, rnp.run(x, budget=0.1)["actions"].numpy()
             )
@@ -73,7 +74,7 @@ def test_decisions_keep_the_path_unless_q_values_prefer_another_by_the_margin():
     # The decisions vary per image, and the middle margin keeps the path
     # in some decisions only: the checks above could fail.
     assert len({tuple(a) for a in policy_actions}) > 1
-    assert kept[0.0] < kept[0.3] < kept[1e6] == 1.0
+    assert kept[0.0] < kept[0.3] < kept[policy.FIXED_PATH_MARGIN] == 1.0
 
 
 def test_the_path_is_saved_and_exported(tmp_path):
@@ -97,8 +98,13 @@ def test_the_path_is_saved_and_exported(tmp_path):
         ((1, 2, 3), 0.0, "default_path must be 2 ints in 1..4"),
         ((0, 2), 0.0, "default_path must be 2 ints in 1..4"),
         ((1.5, 2), 0.0, "default_path must be 2 ints in 1..4"),
-        ((1, 2), -0.1, "path_margin must be a finite number >= 0"),
-        ((1, 2), float("nan"), "path_margin must be a finite number >= 0"),
+        (
+            (1, 2),
+            -0.1,
+            r"path_margin must be a finite number in \[0.0, 1e\+30\]",
+        ),
+        ((1, 2), 1e31, "path_margin must be a finite number in"),
+        ((1, 2), float("nan"), "path_margin must be a finite number in"),
     ],
 )
 def test_bad_paths_and_margins_are_refused(path, margin, match):
@@ -137,7 +143,8 @@ def test_choose_path_takes_the_most_accurate_path_that_fits():
     )
     # The margins: measured under the path, the best that fits chosen.
     rows = {row["margin"]: row for row in choice["margins"]}
-    fixed = rows[1e6]  # The fixed path itself.
+    assert set(rows) == {0.0, 0.2, 1e6, policy.FIXED_PATH_MARGIN}
+    fixed = rows[policy.FIXED_PATH_MARGIN]  # The fixed path itself.
     assert fixed["accuracy"] == pytest.approx(best[1])
     fitting = [r for r in rows.values() if r["fits"]]
     assert choice["accuracy"] == max(r["accuracy"] for r in fitting)
@@ -188,7 +195,7 @@ def test_choose_path_refuses_bad_arguments():
         keras_rnp.choose_path(rnp, x, labels, speedup=1000)
     with pytest.raises(ValueError, match="speedup to be a number >= 1"):
         keras_rnp.choose_path(rnp, x, labels, speedup=0.5)
-    with pytest.raises(ValueError, match="margins to be one or more"):
+    with pytest.raises(ValueError, match="margins to be one or more numbers"):
         keras_rnp.choose_path(rnp, x, labels, speedup=1.5, margins=(-1,))
     with pytest.raises(ValueError, match="labels"):
         keras_rnp.choose_path(rnp, x, labels[:3], speedup=1.5)
@@ -204,3 +211,23 @@ def test_the_exports_say_how_the_path_enters_the_decisions():
         "a_t = argmax_a [Q(s_t, a) - budget * cost_t(a) + 0.25 * "
         "[a == path_t]], where path = 2-3 is the model's default path"
     ) in export_lib.budget_doc(rnp)
+
+
+def test_keras_functions_made_before_a_new_path_follow_it():
+    rnp = _rnp()
+    rnp.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    x = _images(8)
+    labels = np.zeros(8, int)
+    rnp.predict(x, verbose=0)
+    rnp.evaluate(x, labels, verbose=0)
+    rnp.fit(x, labels, epochs=1, verbose=0)
+    rnp.set_default_path((1, 1), policy.FIXED_PATH_MARGIN)
+    # predict() returns what the model computes on the fixed path.
+    np.testing.assert_allclose(
+        rnp.predict(x, verbose=0),
+        rnp.run(x, actions=1)["logits"].numpy(),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    # A training step (greedy decisions on the path) runs.
+    rnp.fit(x, labels, epochs=1, verbose=0)
