@@ -812,27 +812,25 @@ def format_results(results):
         f"{'full network':<22} {full['accuracy']:>9.4f} "
         f"{full['flops'] / 1e6:>9.2f} {1.0:>8.2f}x",
     ]
-    for kind, rows in (("rnp", results["rnp"]), ("sweep", results["sweep"])):
-        for row in rows:
-            name = f"RNP p={row['penalty']:g}"
-            if kind == "sweep":
-                name += f" budget {row['budget']:g}"
-            lines.append(
-                f"{name:<22} {row['accuracy']:>9.4f} "
-                f"{row['mean_flops'] / 1e6:>9.2f} "
-                f"{1 / row['flops_ratio']:>8.2f}x "
-                f"{row['flops_spread']:>7.3f} "
-                f"{row['loss_rank_correlation']:>9.3f}"
-            )
-    for row in results.get("paths", []):
-        name = f"RNP path {''.join(map(str, row['path']))} m={row['margin']:g}"
-        lines.append(
+
+    def rnp_line(name, row):
+        return (
             f"{name:<22} {row['accuracy']:>9.4f} "
             f"{row['mean_flops'] / 1e6:>9.2f} "
             f"{1 / row['flops_ratio']:>8.2f}x "
             f"{row['flops_spread']:>7.3f} "
             f"{row['loss_rank_correlation']:>9.3f}"
         )
+
+    for kind, rows in (("rnp", results["rnp"]), ("sweep", results["sweep"])):
+        for row in rows:
+            name = f"RNP p={row['penalty']:g}"
+            if kind == "sweep":
+                name += f" budget {row['budget']:g}"
+            lines.append(rnp_line(name, row))
+    for row in results.get("paths", []):
+        name = f"RNP path {''.join(map(str, row['path']))} m={row['margin']:g}"
+        lines.append(rnp_line(name, row))
         name = f"  fixed path {''.join(map(str, row['path']))}"
         lines.append(
             f"{name:<22} {row['fixed_path_accuracy']:>9.4f} "

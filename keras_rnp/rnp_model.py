@@ -108,22 +108,14 @@ class RNPModel(RNPTrainer, distribute.MultiWorkerFit, keras.Model):
             from the network being trained.
         double_dqn: Double DQN targets: the decision network picks the
             next action, the target network values it.
-        default_path: None (the paper: the greedy policy), or one action
-            per gated layer, ints in `1..groups`: a path the greedy
-            decisions keep unless an image's Q-values prefer another
-            action by more than `path_margin`,
+        default_path: None (the paper), or one action per gated layer
+            (ints in `1..groups`) that the greedy decisions keep unless an
+            image's Q-values prefer another by more than `path_margin`:
             `a_t = argmax_a [Q(s_t, a) - budget * cost_t(a) + path_margin
-            * [a == path_t]]`. Fixed paths of the shared weights can beat
-            the learned policy at the same FLOPs; this keeps the best of
-            them as the default and lets the decision network route only
-            the images it is sure about. Choose both on validation data
-            with `keras_rnp.choose_path`, set them with
-            `set_default_path()`; `run()`, `predict()`, training's greedy
-            decisions and every export use them.
-        path_margin: the margin, a number in `[0, 1e30]` (0 is the
-            learned policy; at budget 0, a margin larger than any Q-value
-            difference, such as `keras_rnp.policy.FIXED_PATH_MARGIN`, the
-            fixed path).
+            * [a == path_t]]`, in `run()`, `predict()`, training and every
+            export (`keras_rnp.choose_path` picks both on validation data).
+        path_margin: a number in `[0, 1e30]`; 0 is the learned policy,
+            `keras_rnp.policy.FIXED_PATH_MARGIN` the fixed path (budget 0).
         **kwargs: base `keras.Model` arguments (`name`, ...).
 
     Example:
@@ -301,56 +293,23 @@ class RNPModel(RNPTrainer, distribute.MultiWorkerFit, keras.Model):
         return self._plan.path_flops(actions, extra_flops=self.decision_flops)
 
     def set_default_path(self, path, margin=0.0):
-        """Sets the path the greedy decisions keep and the margin by which
-        an image's Q-values must prefer another action to leave it (see
-        `default_path` and `path_margin` in the class doc; `choose_path`
-        picks both on validation data).
-
-        Saved with the model (its config); exports made afterwards use it.
-
-        Args:
-            path: None (the learned policy), or `L` ints in `1..groups`,
-                one per gated layer.
-            margin: a number in `[0, 1e30]`.
-
-        Raises:
-            ValueError: for a path of the wrong length or with actions out
-                of range, or a negative or non-finite margin.
-        """
-        layers = len(self._plan.units)
-        validation.check_number(
-            "path_margin", margin, minimum=0.0, maximum=policy.FIXED_PATH_MARGIN
+        """Sets `default_path` (None, or `L` ints in `1..groups`) and
+        `path_margin` (a number in `[0, 1e30]`), as in the class doc;
+        `keras_rnp.choose_path` picks both. Saved with the model; exports
+        made afterwards use them. Raises a ValueError for bad values."""
+        path, margin = validation.check_default_path(
+            path, margin, len(self._plan.units), self.groups
         )
-        if path is not None:
-            values = np.asarray(path)
-            ok = (
-                values.shape == (layers,)
-                and np.issubdtype(values.dtype, np.integer)
-                and values.min() >= 1
-                and values.max() <= self.groups
-            )
-            if not ok:
-                raise ValueError(
-                    f"default_path must be {layers} ints in 1..{self.groups}"
-                    " (one action per gated layer) or None. Received: "
-                    f"default_path={path!r}."
-                )
-            path = tuple(int(a) for a in values)
-        self.default_path = path
-        self.path_margin = float(margin)
+        self.default_path, self.path_margin = path, margin
         # A NumPy array: traced functions embed it as a constant.
         self._path_bonus = policy.path_bonus(path, margin, self.groups)
         # Compiled functions embed the old path: run()'s are traced again;
         # Keras' are made again, the train function in place (fit() reads
         # it every step, so a change inside fit() applies from the next).
         _RUN_FUNCTIONS.pop(self, None)
-        for name, make in (
-            ("train_function", self.make_train_function),
-            ("test_function", self.make_test_function),
-            ("predict_function", self.make_predict_function),
-        ):
+        for name in ("train_function", "test_function", "predict_function"):
             if getattr(self, name, None) is not None:
-                make(force=True)
+                getattr(self, f"make_{name}")(force=True)
 
     # ------------------------------------------------------------------
     # Forward pass.

@@ -169,3 +169,25 @@ def check_model_arguments(arguments):
             f"sandwich_paths={arguments['sandwich_paths']}, "
             f"distillation={arguments['distillation']}."
         )
+
+
+def check_default_path(path, margin, layers, groups):
+    """A default path (None, or `layers` ints in `1..groups`) and margin
+    (in `[0, 1e30]`), as `(tuple or None, float)`."""
+    check_number(
+        "path_margin", margin, minimum=0.0, maximum=policy.FIXED_PATH_MARGIN
+    )
+    if path is None:
+        return None, float(margin)
+    values = np.asarray(path)
+    if not (
+        values.shape == (layers,)
+        and np.issubdtype(values.dtype, np.integer)
+        and values.min() >= 1
+        and values.max() <= groups
+    ):
+        raise ValueError(
+            f"default_path must be {layers} ints in 1..{groups} (one action "
+            f"per gated layer) or None. Received: default_path={path!r}."
+        )
+    return tuple(int(a) for a in values), float(margin)

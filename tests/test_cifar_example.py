@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 import cifar  # noqa: E402
 
 
+@pytest.mark.slow  # 45-65 s; the default run stayed over 15 minutes.
 def test_every_step_runs_and_writes_its_results(tmp_path):
     data_dir = make_image_folder(tmp_path / "data", classes=3, train=12)
     work_dir = tmp_path / "work"
