@@ -29,11 +29,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import keras_rnp  # noqa: E402
-from keras_rnp import execution  # noqa: E402
 from keras_rnp import io_utils  # noqa: E402
+from keras_rnp import policy  # noqa: E402
 from keras_rnp.data_utils import load_split  # noqa: E402
 from keras_rnp.evaluation import accuracy  # noqa: E402
 from keras_rnp.evaluation import flops_ratio_and_spread  # noqa: E402
@@ -58,36 +57,17 @@ flags.DEFINE_string(
 flags.mark_flag_as_required("model")
 
 
-def departing_run(rnp):
-    """`(images, path [L], margin) -> (logits, actions, flops)`, the policy
-    with `margin` added to the Q-value of each layer's `path` action."""
-    costs = tf.constant(np.asarray(rnp.action_cost), tf.float32)
-
-    @tf.function(reduce_retracing=True)
-    def run(images, path, margin):
-        def choose(t, q):
-            bonus = margin * tf.one_hot(path[t] - 1, rnp.groups)
-            scores = q - FLAGS.budget * costs[t] + bonus
-            return tf.argmax(scores, axis=-1, output_type=tf.int32) + 1
-
-        logits, actions, _ = execution.forward(
-            rnp.plan,
-            rnp.decision,
-            tf.cast(images, rnp.compute_dtype),
-            choose,
-            mode=execution.SLICED,
-        )
-        return logits, actions, rnp.flops_from_actions(actions)
-
-    return run
-
-
-def in_batches(function, images, *args):
+def departing_run(rnp, images):
+    """`(logits, actions, flops)` of the model on `images`, in batches,
+    under its default path and margin (`RNPModel.set_default_path`)."""
     outs = [
-        function(images[i : i + FLAGS.batch_size], *args)
+        rnp.run(images[i : i + FLAGS.batch_size], budget=FLAGS.budget)
         for i in range(0, len(images), FLAGS.batch_size)
     ]
-    return [np.concatenate([o[j].numpy() for o in outs]) for j in range(3)]
+    return [
+        np.concatenate([out[key].numpy() for out in outs])
+        for key in ("logits", "actions", "flops")
+    ]
 
 
 def parse_path(text, layers, groups):
@@ -119,7 +99,6 @@ def main(argv):
             "--margins expects numbers >= 0 (inf for the fixed path). "
             f"Received: {FLAGS.margins}"
         )
-    run = departing_run(rnp)
     rows = []
     start = time.perf_counter()
     print(
@@ -141,12 +120,10 @@ def main(argv):
         )
         for path in paths:
             for margin in margins:
-                logits, actions, flops = in_batches(
-                    run,
-                    images,
-                    tf.constant(path, tf.int32),
-                    tf.constant(min(margin, 1e9), tf.float32),
-                )
+                # inf: the fixed path.
+                fixed = min(margin, policy.FIXED_PATH_MARGIN)
+                rnp.set_default_path(path, fixed)
+                logits, actions, flops = departing_run(rnp, images)
                 ratio, spread = flops_ratio_and_spread(flops, rnp.full_flops)
                 row = {
                     "split": split,

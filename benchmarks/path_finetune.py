@@ -64,30 +64,36 @@ flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_string("work_dir", "runs/path_finetune", "Model and results.")
 
 
+def run(rnp, images, labels, path=None, **kwargs):
+    """Test accuracy and FLOPs speed-up of `rnp.run(**kwargs)`, or of the
+    fixed `path`."""
+    logits, flops = [], []
+    for i in range(0, len(images), 500):
+        part = images[i : i + 500]
+        if path is not None:
+            kwargs["actions"] = np.tile(path, (len(part), 1))
+        out = rnp.run(part, **kwargs)
+        logits.append(out["logits"].numpy())
+        flops.append(out["flops"].numpy().astype(np.float64))
+    return {
+        "accuracy": accuracy(np.concatenate(logits), labels),
+        "speedup": rnp.full_flops / float(np.mean(np.concatenate(flops))),
+    }
+
+
 def measure(rnp, images, labels, path):
     """Test accuracy and FLOPs speed-up of the fixed path, the default
     path with its margin, every uniform path and the policy alone."""
 
-    def run(fixed=False, **kwargs):
-        logits, flops = [], []
-        for i in range(0, len(images), 500):
-            part = images[i : i + 500]
-            if fixed:
-                kwargs["actions"] = np.tile(path, (len(part), 1))
-            out = rnp.run(part, **kwargs)
-            logits.append(out["logits"].numpy())
-            flops.append(out["flops"].numpy().astype(np.float64))
-        return {
-            "accuracy": accuracy(np.concatenate(logits), labels),
-            "speedup": rnp.full_flops / float(np.mean(np.concatenate(flops))),
-        }
+    def run_(**kwargs):
+        return run(rnp, images, labels, **kwargs)
 
-    rows = {"fixed_path": run(fixed=True), "default_path": run()}
+    rows = {"fixed_path": run_(path=path), "default_path": run_()}
     for a in range(1, rnp.groups + 1):
-        rows[f"uniform_{a}"] = run(actions=a)
+        rows[f"uniform_{a}"] = run_(actions=a)
     before = rnp.default_path, rnp.path_margin
     rnp.set_default_path(None)
-    rows["policy"] = run()
+    rows["policy"] = run_()
     rnp.set_default_path(*before)
     return rows
 
@@ -95,9 +101,7 @@ def measure(rnp, images, labels, path):
 def fine_tune_paths(rnp, train, paths, optimizer, epochs):
     """The full path on the labels and each of `paths` on the full path's
     predictions (held constant), one update for the sum, per step."""
-    variables = list(rnp.backbone.trainable_variables)
-    for norm in rnp.width_norms:
-        variables += norm.trainable_variables
+    variables = rnp._network_variables()  # What fine-tuning trains.
     from_logits = not rnp.ends_in_softmax
     layers, groups = rnp.num_gated_layers, rnp.groups
 
@@ -156,11 +160,7 @@ def main_control():
     results["after"] = test_accuracy()
     print("after:", results["after"], flush=True)
     results["image_passes"] = steps * FLAGS.batch_size
-    results["seconds"] = time.perf_counter() - start
-    os.makedirs(FLAGS.work_dir, exist_ok=True)
-    out = os.path.join(FLAGS.work_dir, "results.json")
-    io_utils.write_json(out, results)
-    print(f"{results['seconds']:.0f} s. Wrote {out}")
+    _write(results, start)
 
 
 def main(argv):
@@ -220,9 +220,16 @@ def main(argv):
     results["after"] = measure(tuned, test_images, test_labels, path)
     print("after:", results["after"], flush=True)
     results["image_passes"] = steps * FLAGS.batch_size
+    _write(results, start, tuned)
+
+
+def _write(results, start, model=None):
+    """`results.json` (with the wall time since `start`) and the tuned
+    model, if any, in `--work_dir`."""
     results["seconds"] = time.perf_counter() - start
     os.makedirs(FLAGS.work_dir, exist_ok=True)
-    tuned.save(os.path.join(FLAGS.work_dir, "tuned.keras"))
+    if model is not None:
+        model.save(os.path.join(FLAGS.work_dir, "tuned.keras"))
     out = os.path.join(FLAGS.work_dir, "results.json")
     io_utils.write_json(out, results)
     print(f"{results['seconds']:.0f} s. Wrote {out}")
@@ -248,31 +255,33 @@ def main_paths(rnp, images, labels, start):
     """`--paths`: several fixed paths fine-tuned together."""
     paths = [tuple(int(c) for c in text) for text in FLAGS.paths]
     results = {"model": FLAGS.model, "paths": [list(p) for p in paths]}
-    results["before"] = {
-        "".join(map(str, p)): measure(rnp, images, labels, p)["fixed_path"]
-        for p in paths
-    }
-    results["before"].update(
-        {k: v for k, v in measure(rnp, images, labels, paths[0]).items()}
-    )
+
+    def measure_all():
+        # Each path alone, then the rest of `measure` (its fixed path is
+        # the first path's).
+        rows = measure(rnp, images, labels, paths[0])
+        named = {"".join(map(str, p)): p for p in paths}
+        first = "".join(map(str, paths[0]))
+        return {
+            **{
+                name: rows["fixed_path"]
+                if name == first
+                else run(rnp, images, labels, path=p)
+                for name, p in named.items()
+            },
+            **rows,
+        }
+
+    results["before"] = measure_all()
     print("before:", results["before"], flush=True)
     train = _train_split()
     steps = FLAGS.epochs * int(train.cardinality())
     fine_tune_paths(rnp, train, paths, _optimizer(steps), FLAGS.epochs)
-    results["after"] = {
-        "".join(map(str, p)): measure(rnp, images, labels, p)["fixed_path"]
-        for p in paths
-    }
-    results["after"].update(measure(rnp, images, labels, paths[0]))
+    results["after"] = measure_all()
     print("after:", results["after"], flush=True)
     # Forward and backward: the full path and every listed path.
     results["image_passes"] = steps * FLAGS.batch_size * (1 + len(paths))
-    results["seconds"] = time.perf_counter() - start
-    os.makedirs(FLAGS.work_dir, exist_ok=True)
-    rnp.save(os.path.join(FLAGS.work_dir, "tuned.keras"))
-    out = os.path.join(FLAGS.work_dir, "results.json")
-    io_utils.write_json(out, results)
-    print(f"{results['seconds']:.0f} s. Wrote {out}")
+    _write(results, start, rnp)
 
 
 if __name__ == "__main__":
