@@ -25,12 +25,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import keras_rnp  # noqa: E402
 from keras_rnp import datasets  # noqa: E402
 from keras_rnp import io_utils  # noqa: E402
-from keras_rnp import q_learning  # noqa: E402
 from keras_rnp.data_utils import load_split  # noqa: E402
 from keras_rnp.evaluation import accuracy  # noqa: E402
 
@@ -55,6 +53,12 @@ flags.DEFINE_string(
     "",
     "Instead: a plain Keras model (e.g. a static pruned network) fine-tuned "
     "the same way for the same epochs, its test accuracy before and after.",
+)
+flags.DEFINE_integer(
+    "sandwich_paths",
+    0,
+    "With --paths: also the narrowest path and sandwich_paths - 1 random "
+    "ones each step (RNPModel's sandwich_paths), to keep the other widths.",
 )
 flags.DEFINE_integer("epochs", 5, "Fine-tuning epochs.")
 flags.DEFINE_float("lr", 0.01, "Peak SGD learning rate (cosine decay).")
@@ -96,45 +100,6 @@ def measure(rnp, images, labels, path):
     rows["policy"] = run_()
     rnp.set_default_path(*before)
     return rows
-
-
-def fine_tune_paths(rnp, train, paths, optimizer, epochs):
-    """The full path on the labels and each of `paths` on the full path's
-    predictions (held constant), one update for the sum, per step."""
-    variables = rnp._network_variables()  # What fine-tuning trains.
-    from_logits = not rnp.ends_in_softmax
-    layers, groups = rnp.num_gated_layers, rnp.groups
-
-    @tf.function
-    def step(x, y):
-        batch = tf.shape(x)[0]
-        with tf.GradientTape() as tape:
-            full, _, _ = rnp.forward(
-                x, actions=tf.fill([batch, layers], groups), training=True
-            )
-            loss = tf.reduce_mean(
-                keras.losses.sparse_categorical_crossentropy(
-                    y, full, from_logits=from_logits
-                )
-            )
-            for path in paths:
-                actions = tf.tile(tf.constant([path], tf.int32), [batch, 1])
-                logits, _, _ = rnp.forward(x, actions=actions, training=True)
-                soft = q_learning.soft_cross_entropy(full, logits, from_logits)
-                loss += tf.reduce_mean(soft)
-        gradients = tape.gradient(loss, variables)
-        optimizer.apply(gradients, variables)
-        return loss
-
-    for epoch in range(epochs):
-        start, losses = time.perf_counter(), []
-        for x, y in train:
-            losses.append(float(step(x, y)))
-        print(
-            f"epoch {epoch + 1}/{epochs}: loss {np.mean(losses):.4f}, "
-            f"{time.perf_counter() - start:.0f} s",
-            flush=True,
-        )
 
 
 def main_control():
@@ -256,32 +221,45 @@ def main_paths(rnp, images, labels, start):
     paths = [tuple(int(c) for c in text) for text in FLAGS.paths]
     results = {"model": FLAGS.model, "paths": [list(p) for p in paths]}
 
-    def measure_all():
+    def measure_all(model):
         # Each path alone, then the rest of `measure` (its fixed path is
         # the first path's).
-        rows = measure(rnp, images, labels, paths[0])
+        rows = measure(model, images, labels, paths[0])
         named = {"".join(map(str, p)): p for p in paths}
         first = "".join(map(str, paths[0]))
         return {
             **{
                 name: rows["fixed_path"]
                 if name == first
-                else run(rnp, images, labels, path=p)
+                else run(model, images, labels, path=p)
                 for name, p in named.items()
             },
             **rows,
         }
 
-    results["before"] = measure_all()
+    results["before"] = measure_all(rnp)
     print("before:", results["before"], flush=True)
+    # The library's sandwich step on these paths: the full path on the
+    # labels and each path (and any --sandwich_paths) on its predictions.
+    tuned = keras_rnp.rewrap(
+        rnp,
+        decision_steps=0,
+        backbone_steps=1,
+        backbone_epsilon=0.0,
+        distillation=0.0,
+        sandwich_paths=FLAGS.sandwich_paths,
+        fixed_paths=paths,
+    )
     train = _train_split()
     steps = FLAGS.epochs * int(train.cardinality())
-    fine_tune_paths(rnp, train, paths, _optimizer(steps), FLAGS.epochs)
-    results["after"] = measure_all()
+    tuned.compile(optimizer=_optimizer(steps), metrics=["accuracy"])
+    tuned.fit(train, epochs=FLAGS.epochs, verbose=2)
+    results["after"] = measure_all(tuned)
     print("after:", results["after"], flush=True)
-    # Forward and backward: the full path and every listed path.
-    results["image_passes"] = steps * FLAGS.batch_size * (1 + len(paths))
-    _write(results, start, rnp)
+    # Forward and backward: the full path and every other path trained.
+    trained = 1 + len(paths) + FLAGS.sandwich_paths
+    results["image_passes"] = steps * FLAGS.batch_size * trained
+    _write(results, start, tuned)
 
 
 if __name__ == "__main__":

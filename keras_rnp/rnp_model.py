@@ -7,6 +7,7 @@ counters, the running loss mean), the forward pass (`call`, `run`,
 in `keras_rnp.policy`, and training (Algorithm 1) in `keras_rnp.trainer`.
 """
 
+import inspect
 import os
 import weakref
 
@@ -102,6 +103,13 @@ class RNPModel(RNPTrainer, distribute.MultiWorkerFit, keras.Model):
             With `decision_steps=0` this is a supernet stage that trains
             every width before the decision network. 0 (the paper)
             fine-tunes the path the decision network takes.
+        fixed_paths: paths (each one action per gated layer, ints in
+            `1..groups`) that every fine-tuning step also trains on the
+            full path's predictions, beside the full path on the labels
+            and any `sandwich_paths`: fine-tuning the shared weights for
+            chosen operating points (`keras_rnp.choose_path`), about
+            `len(fixed_paths) + 1` times the work of a plain step. () (the
+            paper) trains none.
         target_update_steps: DQN's target network: with `n > 0` the
             Q-learning targets come from a copy of the decision network,
             refreshed every `n` decision steps; 0 (the paper) bootstraps
@@ -150,6 +158,7 @@ class RNPModel(RNPTrainer, distribute.MultiWorkerFit, keras.Model):
         width_aware_bn=False,
         width_aware_affine=False,
         sandwich_paths=0,
+        fixed_paths=(),
         target_update_steps=0,
         double_dqn=False,
         default_path=None,
@@ -205,6 +214,12 @@ class RNPModel(RNPTrainer, distribute.MultiWorkerFit, keras.Model):
             for norm in unit.width_norms.values()
         ]
         in_channels = [unit.in_channels for unit in self._plan.units]
+        self.fixed_paths = tuple(
+            validation.check_path(
+                "fixed_paths", path, len(in_channels), self.groups
+            )
+            for path in fixed_paths
+        )
         self.set_default_path(default_path, path_margin)
         self.decision = DecisionNetwork(
             in_channels,
@@ -569,29 +584,6 @@ class RNPModel(RNPTrainer, distribute.MultiWorkerFit, keras.Model):
             super().save(staging, **kwargs)
 
 
-# The constructor's arguments after `backbone`, as get_config lists them.
-_ARGUMENTS = (
-    "groups",
-    "penalty",
-    "penalty_mode",
-    "gamma",
-    "epsilon_start",
-    "epsilon_end",
-    "epsilon_decay_steps",
-    "backbone_epsilon",
-    "distillation",
-    "decision_steps",
-    "backbone_steps",
-    "code_dim",
-    "hidden_units",
-    "gate_first",
-    "alpha_momentum",
-    "seed",
-    "width_aware_bn",
-    "width_aware_affine",
-    "sandwich_paths",
-    "target_update_steps",
-    "double_dqn",
-    "default_path",
-    "path_margin",
-)
+# The constructor's arguments after `backbone`, as get_config lists them
+# (each kept as the attribute of its name).
+_ARGUMENTS = tuple(inspect.signature(RNPModel.__init__).parameters)[2:-1]

@@ -257,7 +257,7 @@ class RNPTrainer:
 
     def _backbone_step(self, x, y, sample_weight):
         """One fine-tuning update of the backbone under the decisions."""
-        if self.sandwich_paths:
+        if self.sandwich_paths or self.fixed_paths:
             return self._sandwich_step(x, y, sample_weight)
         epsilon = self.backbone_epsilon or None
         with tf.GradientTape() as tape:
@@ -291,18 +291,24 @@ class RNPTrainer:
 
         The full path learns from the labels; the narrowest path (one
         group everywhere) and `sandwich_paths - 1` paths drawn at random
-        per image and layer learn from the full path's predictions, held
+        per image and layer, if `sandwich_paths`, and every one of
+        `fixed_paths` learn from the full path's predictions, held
         constant (in-place distillation). One optimizer update for the sum.
         """
         batch = tf.shape(x)[0]
         layers, groups = self.num_gated_layers, self.groups
         full_actions = tf.fill([batch, layers], groups)
-        paths = [tf.fill([batch, layers], 1)] + [
-            random_actions(
-                batch, layers, groups, self.seed, self.step_counter, stream
-            )
-            for stream in range(self.sandwich_paths - 1)
+        paths = [
+            tf.tile(tf.constant([path], tf.int32), [batch, 1])
+            for path in self.fixed_paths
         ]
+        if self.sandwich_paths:
+            paths += [tf.fill([batch, layers], 1)] + [
+                random_actions(
+                    batch, layers, groups, self.seed, self.step_counter, s
+                )
+                for s in range(self.sandwich_paths - 1)
+            ]
         from_logits = not self.ends_in_softmax
         with tf.GradientTape() as tape:
             full, _, _ = self.forward(x, actions=full_actions, training=True)

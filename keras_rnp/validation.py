@@ -162,11 +162,22 @@ def check_model_arguments(arguments):
             "their own gamma and beta: it needs width_aware_bn=True. "
             "Received: width_aware_affine=True, width_aware_bn=False."
         )
-    if arguments["sandwich_paths"] and arguments["distillation"]:
+    fixed_paths = arguments["fixed_paths"]
+    if isinstance(fixed_paths, (str, bytes)) or not hasattr(
+        fixed_paths, "__len__"
+    ):
         raise ValueError(
-            "sandwich_paths already distills every narrow path from the "
-            "full one; use it or distillation, not both. Received: "
-            f"sandwich_paths={arguments['sandwich_paths']}, "
+            "fixed_paths expects a list of paths (each a list of actions). "
+            f"Received: fixed_paths={fixed_paths!r}."
+        )
+    if (arguments["sandwich_paths"] or len(fixed_paths)) and arguments[
+        "distillation"
+    ]:
+        raise ValueError(
+            "sandwich_paths and fixed_paths already distill their paths "
+            "from the full one; use them or distillation, not both. "
+            f"Received: sandwich_paths={arguments['sandwich_paths']}, "
+            f"fixed_paths={fixed_paths!r}, "
             f"distillation={arguments['distillation']}."
         )
 
@@ -179,6 +190,12 @@ def check_default_path(path, margin, layers, groups):
     )
     if path is None:
         return None, float(margin)
+    return check_path("default_path", path, layers, groups), float(margin)
+
+
+def check_path(name, path, layers, groups):
+    """A path, `layers` ints in `1..groups` (one action per gated layer),
+    as a tuple of ints; `name` is the argument's, for the error."""
     values = np.asarray(path)
     if not (
         values.shape == (layers,)
@@ -187,7 +204,7 @@ def check_default_path(path, margin, layers, groups):
         and values.max() <= groups
     ):
         raise ValueError(
-            f"default_path must be {layers} ints in 1..{groups} (one action "
-            f"per gated layer) or None. Received: default_path={path!r}."
+            f"{name}: a path is {layers} ints in 1..{groups} (one action "
+            f"per gated layer). Received: {path!r}."
         )
-    return tuple(int(a) for a in values), float(margin)
+    return tuple(int(a) for a in values)

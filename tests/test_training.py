@@ -405,6 +405,57 @@ def test_sandwich_step_minimizes_full_plus_distilled_narrow_paths(
     assert logs["flops_ratio"][0] == pytest.approx(full_ratio, rel=1e-6)
 
 
+def test_fixed_paths_are_distilled_from_the_full_path_every_step(tmp_path):
+    x, y = data(16)
+    fixed = [(1, 2, 3), (2, 4, 1)]
+    rnp = keras_rnp.wrap(
+        small_cnn(),
+        groups=4,
+        gate_first=True,
+        decision_steps=0,
+        fixed_paths=fixed,
+        width_aware_bn=True,
+        seed=3,
+    )
+    variables, before = deterministic_sgd(rnp)
+    labels = keras.ops.sparse_categorical_crossentropy
+    with tf.GradientTape() as tape:
+        full, _, _ = rnp.forward(x, actions=np.full((16, 3), 4), training=True)
+        teacher = tf.stop_gradient(tf.nn.softmax(full))
+        objective = tf.reduce_mean(labels(y, full, from_logits=True))
+        for path in fixed:
+            actions = np.tile(path, (16, 1))
+            logits, _, _ = rnp.forward(x, actions=actions, training=True)
+            objective -= tf.reduce_mean(
+                tf.reduce_sum(teacher * tf.nn.log_softmax(logits), axis=-1)
+            )
+    gradients = tape.gradient(objective, variables)
+    for variable, value in zip(variables, before, strict=True):
+        variable.assign(value)
+    rnp.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    assert_one_step_of(gradients, variables, before, atol=2e-5)
+    # Saved with the model, as tuples again after JSON's lists.
+    rnp.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert loaded.fixed_paths == ((1, 2, 3), (2, 4, 1))
+
+
+@pytest.mark.parametrize(
+    "fixed_paths, match",
+    [
+        ([(1, 2)], r"fixed_paths: a path is 3 ints in 1\.\.4"),
+        ([(1, 2, 5)], r"fixed_paths: a path is 3 ints in 1\.\.4"),
+        ("123", "fixed_paths expects a list of paths"),
+        (3, "fixed_paths expects a list of paths"),
+    ],
+)
+def test_bad_fixed_paths_are_refused(fixed_paths, match):
+    with pytest.raises(ValueError, match=match):
+        keras_rnp.wrap(small_cnn(), gate_first=True, fixed_paths=fixed_paths)
+    with pytest.raises(ValueError, match="fixed_paths.*distillation"):
+        keras_rnp.wrap(small_cnn(), fixed_paths=[(1, 1)], distillation=0.5)
+
+
 def test_sandwich_step_updates_every_widths_statistics():
     x, y = data(32)
     rnp = keras_rnp.wrap(
@@ -434,7 +485,7 @@ def test_sandwich_step_updates_every_widths_statistics():
 
 
 def test_sandwich_refuses_distillation_on_top():
-    with pytest.raises(ValueError, match="sandwich_paths.*distillation"):
+    with pytest.raises(ValueError, match="sandwich_paths and fixed_paths"):
         keras_rnp.wrap(small_cnn(), sandwich_paths=2, distillation=0.5)
 
 
