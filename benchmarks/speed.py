@@ -57,6 +57,14 @@ flags.DEFINE_string(
     "output", "benchmarks/results/speed.json", "Where to write the JSON."
 )
 flags.DEFINE_integer("seed", 0, "Seed of the weights, images and actions.")
+flags.DEFINE_enum(
+    "ort_rnp_level",
+    "all",
+    ["all", "extended", "basic"],
+    "onnxruntime's graph optimization level for the RNP model's session "
+    "(the plain model's is always 'all', the default): 'extended' leaves "
+    "out the NCHWc layout transformer.",
+)
 
 # The CIFAR network without input normalization nor pooling after the
 # first block, VGG-16, and residual networks: ResNet-20 (CIFAR), ResNet-50
@@ -163,8 +171,16 @@ class Runtimes:
 
         path = os.path.join(self.workdir, "rnp.onnx")
         keras_rnp.export_onnx(self.rnp, path, forced_actions=True)
+        rnp_options = ort.SessionOptions()
+        rnp_options.log_severity_level = 3
+        level = ort.GraphOptimizationLevel
+        rnp_options.graph_optimization_level = {
+            "all": level.ORT_ENABLE_ALL,
+            "extended": level.ORT_ENABLE_EXTENDED,
+            "basic": level.ORT_ENABLE_BASIC,
+        }[FLAGS.ort_rnp_level]
         forced = ort.InferenceSession(
-            path, options, providers=["CPUExecutionProvider"]
+            path, rnp_options, providers=["CPUExecutionProvider"]
         )
 
         def run_rnp(x, actions):
@@ -328,7 +344,15 @@ def main(argv):
 
 
 def write_results(rows):
-    flag_names = ["models", "batches", "runtimes", "groups", "repeats", "seed"]
+    flag_names = [
+        "models",
+        "batches",
+        "runtimes",
+        "groups",
+        "repeats",
+        "seed",
+        "ort_rnp_level",
+    ]
     result = {
         "machine": {
             "platform": platform.platform(),
