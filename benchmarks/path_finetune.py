@@ -10,6 +10,10 @@ then fine-tunes the backbone under the greedy decisions they give
 before and after, on the test split: the fixed path, the path with its
 margin, every uniform path and the policy without a path.
 
+With `--paths`, it fine-tunes several fixed paths together instead
+(`RNPModel(fixed_paths=...)`: the full path on the labels, each path on its
+predictions), and measures each of them.
+
     python benchmarks/path_finetune.py --data_dir=../shared/data/cifar10 \\
         --model=runs/proxy_f1/rnp_p0.07.keras --speedup=4 --epochs=5 \\
         --work_dir=runs/path_finetune
@@ -131,6 +135,8 @@ def main_control():
 def main(argv):
     del argv
     keras.utils.set_random_seed(FLAGS.seed)
+    if FLAGS.sandwich_paths and not FLAGS.paths:
+        raise app.UsageError("--sandwich_paths goes with --paths.")
     if FLAGS.control:
         return main_control()
     if not FLAGS.model:
@@ -176,6 +182,7 @@ def main(argv):
         backbone_steps=1,
         backbone_epsilon=0.0,
         sandwich_paths=0,
+        fixed_paths=(),
         distillation=0.0,
     )
     train = _train_split()

@@ -587,6 +587,7 @@ def train_rnp(config):
                 start,
                 **structure,
                 sandwich_paths=0,
+                fixed_paths=(),
                 target_update_steps=config.target_update_steps,
                 double_dqn=config.double_dqn,
                 penalty=penalty,

@@ -104,11 +104,13 @@ class RNPModel(RNPTrainer, distribute.MultiWorkerFit, keras.Model):
             every width before the decision network. 0 (the paper)
             fine-tunes the path the decision network takes.
         fixed_paths: paths (each one action per gated layer, ints in
-            `1..groups`) that every fine-tuning step also trains on the
-            full path's predictions, beside the full path on the labels
-            and any `sandwich_paths`: fine-tuning the shared weights for
-            chosen operating points (`keras_rnp.choose_path`), about
-            `len(fixed_paths) + 1` times the work of a plain step. () (the
+            `1..groups`) that every fine-tuning step trains on the full
+            path's predictions, beside the full path on the labels and
+            any `sandwich_paths`, in place of the path the decision
+            network takes (`backbone_epsilon` then does nothing): the
+            shared weights fine-tuned for chosen operating points
+            (`keras_rnp.choose_path`), about `len(fixed_paths) +
+            sandwich_paths + 1` times the work of a plain step. () (the
             paper) trains none.
         target_update_steps: DQN's target network: with `n > 0` the
             Q-learning targets come from a copy of the decision network,
@@ -216,9 +218,9 @@ class RNPModel(RNPTrainer, distribute.MultiWorkerFit, keras.Model):
         in_channels = [unit.in_channels for unit in self._plan.units]
         self.fixed_paths = tuple(
             validation.check_path(
-                "fixed_paths", path, len(in_channels), self.groups
+                f"fixed_paths[{i}]", path, len(in_channels), self.groups
             )
-            for path in fixed_paths
+            for i, path in enumerate(fixed_paths)
         )
         self.set_default_path(default_path, path_margin)
         self.decision = DecisionNetwork(
@@ -586,4 +588,11 @@ class RNPModel(RNPTrainer, distribute.MultiWorkerFit, keras.Model):
 
 # The constructor's arguments after `backbone`, as get_config lists them
 # (each kept as the attribute of its name).
-_ARGUMENTS = tuple(inspect.signature(RNPModel.__init__).parameters)[2:-1]
+_ARGUMENTS = tuple(
+    name
+    for name, parameter in inspect.signature(
+        RNPModel.__init__
+    ).parameters.items()
+    if name not in ("self", "backbone")
+    and parameter.kind is not parameter.VAR_KEYWORD
+)

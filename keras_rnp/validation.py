@@ -163,12 +163,15 @@ def check_model_arguments(arguments):
             "Received: width_aware_affine=True, width_aware_bn=False."
         )
     fixed_paths = arguments["fixed_paths"]
-    if isinstance(fixed_paths, (str, bytes)) or not hasattr(
-        fixed_paths, "__len__"
+    if (
+        isinstance(fixed_paths, (str, bytes))
+        or not hasattr(fixed_paths, "__len__")
+        or any(np.ndim(path) != 1 for path in fixed_paths)
     ):
         raise ValueError(
-            "fixed_paths expects a list of paths (each a list of actions). "
-            f"Received: fixed_paths={fixed_paths!r}."
+            "fixed_paths expects a list of paths, each a list of actions "
+            "(one path: [(2, 1, 3)]). Received: "
+            f"fixed_paths={fixed_paths!r}."
         )
     if (arguments["sandwich_paths"] or len(fixed_paths)) and arguments[
         "distillation"
@@ -190,12 +193,14 @@ def check_default_path(path, margin, layers, groups):
     )
     if path is None:
         return None, float(margin)
-    return check_path("default_path", path, layers, groups), float(margin)
+    path = check_path("default_path", path, layers, groups, or_none=True)
+    return path, float(margin)
 
 
-def check_path(name, path, layers, groups):
+def check_path(name, path, layers, groups, or_none=False):
     """A path, `layers` ints in `1..groups` (one action per gated layer),
-    as a tuple of ints; `name` is the argument's, for the error."""
+    as a tuple of ints; `name` is the argument's, for the error, which
+    names None as the other choice if `or_none`."""
     values = np.asarray(path)
     if not (
         values.shape == (layers,)
@@ -204,7 +209,8 @@ def check_path(name, path, layers, groups):
         and values.max() <= groups
     ):
         raise ValueError(
-            f"{name}: a path is {layers} ints in 1..{groups} (one action "
-            f"per gated layer). Received: {path!r}."
+            f"{name} expects {layers} ints in 1..{groups} (one action per "
+            f"gated layer){' or None' if or_none else ''}. Received: "
+            f"{name}={path!r}."
         )
     return tuple(int(a) for a in values)

@@ -109,7 +109,9 @@ def rewrap(rnp, **kwargs):
     Args:
         rnp: the `keras_rnp.RNPModel` to start from (left untouched).
         **kwargs: `RNPModel` arguments to change (penalty, decision_steps,
-            backbone_steps, the epsilon schedule, sandwich_paths, ...).
+            backbone_steps, the epsilon schedule, sandwich_paths,
+            fixed_paths, ...); the others, `fixed_paths` included, carry
+            over.
             Those that fix the model's structure (groups, gate_first,
             width_aware_bn, width_aware_affine, code_dim, hidden_units)
             cannot change.

@@ -95,9 +95,9 @@ def test_the_path_is_saved_and_exported(tmp_path):
 @pytest.mark.parametrize(
     "path, margin, match",
     [
-        ((1, 2, 3), 0.0, "default_path: a path is 2 ints in 1..4"),
-        ((0, 2), 0.0, "default_path: a path is 2 ints in 1..4"),
-        ((1.5, 2), 0.0, "default_path: a path is 2 ints in 1..4"),
+        ((1, 2, 3), 0.0, "default_path expects 2 ints in 1..4 .* or None"),
+        ((0, 2), 0.0, "default_path expects 2 ints in 1..4 .* or None"),
+        ((1.5, 2), 0.0, "default_path expects 2 ints in 1..4 .* or None"),
         (
             (1, 2),
             -0.1,

@@ -405,7 +405,10 @@ def test_sandwich_step_minimizes_full_plus_distilled_narrow_paths(
     assert logs["flops_ratio"][0] == pytest.approx(full_ratio, rel=1e-6)
 
 
-def test_fixed_paths_are_distilled_from_the_full_path_every_step(tmp_path):
+@pytest.mark.parametrize("sandwich_paths", [0, 1])
+def test_fixed_paths_are_distilled_from_the_full_path_every_step(
+    tmp_path, sandwich_paths
+):
     x, y = data(16)
     fixed = [(1, 2, 3), (2, 4, 1)]
     rnp = keras_rnp.wrap(
@@ -413,6 +416,7 @@ def test_fixed_paths_are_distilled_from_the_full_path_every_step(tmp_path):
         groups=4,
         gate_first=True,
         decision_steps=0,
+        sandwich_paths=sandwich_paths,
         fixed_paths=fixed,
         width_aware_bn=True,
         seed=3,
@@ -423,7 +427,8 @@ def test_fixed_paths_are_distilled_from_the_full_path_every_step(tmp_path):
         full, _, _ = rnp.forward(x, actions=np.full((16, 3), 4), training=True)
         teacher = tf.stop_gradient(tf.nn.softmax(full))
         objective = tf.reduce_mean(labels(y, full, from_logits=True))
-        for path in fixed:
+        # sandwich_paths=1 adds the narrowest path (no random ones).
+        for path in fixed + [(1, 1, 1)] * sandwich_paths:
             actions = np.tile(path, (16, 1))
             logits, _, _ = rnp.forward(x, actions=actions, training=True)
             objective -= tf.reduce_mean(
@@ -443,8 +448,9 @@ def test_fixed_paths_are_distilled_from_the_full_path_every_step(tmp_path):
 @pytest.mark.parametrize(
     "fixed_paths, match",
     [
-        ([(1, 2)], r"fixed_paths: a path is 3 ints in 1\.\.4"),
-        ([(1, 2, 5)], r"fixed_paths: a path is 3 ints in 1\.\.4"),
+        ([(1, 2)], r"fixed_paths\[0\] expects 3 ints in 1\.\.4"),
+        ([(1, 2, 3), (1, 2, 5)], r"fixed_paths\[1\] expects 3 ints in 1\.\.4"),
+        ((1, 2, 3), r"expects a list of paths.*one path: \[\(2, 1, 3\)\]"),
         ("123", "fixed_paths expects a list of paths"),
         (3, "fixed_paths expects a list of paths"),
     ],
@@ -452,6 +458,9 @@ def test_fixed_paths_are_distilled_from_the_full_path_every_step(tmp_path):
 def test_bad_fixed_paths_are_refused(fixed_paths, match):
     with pytest.raises(ValueError, match=match):
         keras_rnp.wrap(small_cnn(), gate_first=True, fixed_paths=fixed_paths)
+
+
+def test_fixed_paths_refuse_distillation_on_top():
     with pytest.raises(ValueError, match="fixed_paths.*distillation"):
         keras_rnp.wrap(small_cnn(), fixed_paths=[(1, 1)], distillation=0.5)
 
