@@ -1,0 +1,171 @@
+"""How much could per-image routing among a model's fixed paths gain?
+
+Two measurements on the test split, for a trained RNP model and a list of
+its fixed paths (BENCHMARKS.md, "where the loss sits"):
+
+- the oracle: each image takes the cheapest listed path that classifies it
+  right (the widest listed path if none does), over the cheapest 1, 2, ...
+  paths. An upper bound: it reads the labels.
+- a two-pass rule that reads no labels: every image runs `--cheap`; the
+  share `q` of images with the lowest top softmax probability runs again
+  on `--wide`. Its FLOPs count both passes. With `--backbone`, also the
+  rank correlation of each image's FLOPs with the full network's loss.
+
+    python benchmarks/routing_bounds.py --data_dir=../shared/data/cifar10 \\
+        --model=runs/anchors/five_10/tuned.keras \\
+        --paths=1121,1131,2132,1331,2332,4444 --cheap=1121 --wide=2332 \\
+        --backbone=runs/proxy_c/backbone.keras
+"""
+
+import os
+
+from absl import app
+from absl import flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_rnp  # noqa: E402
+from keras_rnp import evaluation  # noqa: E402
+from keras_rnp import io_utils  # noqa: E402
+from keras_rnp.data_utils import load_split  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "A trained RNP model (.keras).")
+flags.DEFINE_string("dataset", "cifar10", "tfds dataset name.")
+flags.DEFINE_string("data_dir", None, "ImageFolder or tfds data directory.")
+flags.DEFINE_list("paths", [], "Fixed paths for the oracle (digits).")
+flags.DEFINE_string("cheap", "", "The two-pass rule's first path.")
+flags.DEFINE_list("wide", [], "Its second paths (one rule each).")
+flags.DEFINE_list(
+    "rerun", ["0.1", "0.2", "0.3", "0.4", "0.5"], "Shares run again."
+)
+flags.DEFINE_string("backbone", "", "The full network, for the correlation.")
+flags.DEFINE_string(
+    "output", "benchmarks/results/routing_bounds.json", "Where to write."
+)
+
+
+def parse_path(text, layers):
+    path = tuple(int(c) for c in text)
+    if len(path) != layers:
+        raise app.UsageError(
+            f"Expected paths of {layers} digits (one per gated layer). "
+            f"Received: {text!r}."
+        )
+    return path
+
+
+def run_path(rnp, images, path):
+    """Logits `[N, classes]` and the FLOPs ratio of one fixed path."""
+    logits = []
+    for i in range(0, len(images), 1000):
+        part = images[i : i + 1000]
+        out = rnp.run(part, actions=np.tile(path, (len(part), 1)))
+        logits.append(out["logits"].numpy())
+    flops = float(rnp.flops_from_actions(np.array([path]))[0])
+    return np.concatenate(logits), flops / rnp.full_flops
+
+
+def oracle(runs, labels):
+    """Rows for the oracle over the cheapest 1, 2, ... of `runs` (a list
+    of `(ratio, name, correct)`, cheapest first)."""
+    rows = []
+    for k in range(1, len(runs) + 1):
+        correct = np.zeros(len(labels), bool)
+        cost = np.full(len(labels), runs[k - 1][0])
+        for ratio, _, right in runs[:k]:
+            take = ~correct & right
+            cost[take] = ratio
+            correct |= take
+        rows.append(
+            {
+                "paths": [name for _, name, _ in runs[:k]],
+                "accuracy": float(correct.mean()),
+                "speedup": float(1 / cost.mean()),
+            }
+        )
+        print(f"oracle over {rows[-1]['paths']}: {rows[-1]['accuracy']:.4f}")
+    return rows
+
+
+def two_pass(cheap, wide, labels, shares, full_losses):
+    """Rows of the two-pass rule for each share run again."""
+    (cheap_logits, cheap_ratio), (wide_logits, wide_ratio) = cheap, wide
+    probabilities = keras.ops.convert_to_numpy(
+        keras.ops.softmax(cheap_logits.astype("float32"))
+    )
+    confidence = probabilities.max(axis=-1)
+    rows = []
+    for share in shares:
+        again = confidence < np.quantile(confidence, share)
+        predictions = np.where(
+            again, wide_logits.argmax(-1), cheap_logits.argmax(-1)
+        )
+        flops = np.where(again, cheap_ratio + wide_ratio, cheap_ratio)
+        row = {
+            "rerun_share": float(again.mean()),
+            "accuracy": float(np.mean(predictions == labels)),
+            "speedup": float(1 / flops.mean()),
+        }
+        if full_losses is not None:
+            row["loss_rank_correlation"] = keras_rnp.rank_correlation(
+                flops, full_losses
+            )
+        print(row)
+        rows.append(row)
+    return rows
+
+
+def main(argv):
+    del argv
+    if not FLAGS.model:
+        raise app.UsageError("Expected --model.")
+    rnp = io_utils.load_model(FLAGS.model, "trained RNP model")
+    layers = rnp.num_gated_layers
+    images, labels = load_split(FLAGS.dataset, "test", FLAGS.data_dir)
+    cache = {}
+
+    def measured(text):
+        if text not in cache:
+            cache[text] = run_path(rnp, images, parse_path(text, layers))
+        return cache[text]
+
+    results = {"model": FLAGS.model, "paths": {}}
+    for text in FLAGS.paths:
+        logits, ratio = measured(text)
+        results["paths"][text] = {
+            "accuracy": evaluation.accuracy(logits, labels),
+            "speedup": 1 / ratio,
+        }
+        print(text, results["paths"][text])
+    runs = sorted(
+        (measured(t)[1], t, measured(t)[0].argmax(-1) == labels)
+        for t in FLAGS.paths
+    )
+    results["oracle"] = oracle(runs, labels)
+    full_losses = None
+    if FLAGS.backbone:
+        backbone = io_utils.load_model(FLAGS.backbone, "full network")
+        full_logits = backbone.predict(images, batch_size=500, verbose=0)
+        full_losses = evaluation.per_image_losses(labels, full_logits)
+    shares = [float(s) for s in FLAGS.rerun]
+    results["two_pass"] = {}
+    if FLAGS.cheap:
+        for wide in FLAGS.wide:
+            print(f"two passes: {FLAGS.cheap}, then {wide}")
+            results["two_pass"][f"{FLAGS.cheap}->{wide}"] = two_pass(
+                measured(FLAGS.cheap),
+                measured(wide),
+                labels,
+                shares,
+                full_losses,
+            )
+    io_utils.write_json(FLAGS.output, results)
+    print(f"Wrote {FLAGS.output}")
+
+
+if __name__ == "__main__":
+    app.run(main)
