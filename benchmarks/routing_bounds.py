@@ -123,6 +123,8 @@ def main(argv):
     del argv
     if not FLAGS.model:
         raise app.UsageError("Expected --model.")
+    if bool(FLAGS.cheap) != bool(FLAGS.wide):
+        raise app.UsageError("--cheap and --wide go together.")
     rnp = io_utils.load_model(FLAGS.model, "trained RNP model")
     layers = rnp.num_gated_layers
     images, labels = load_split(FLAGS.dataset, "test", FLAGS.data_dir)
@@ -142,8 +144,11 @@ def main(argv):
         }
         print(text, results["paths"][text])
     runs = sorted(
-        (measured(t)[1], t, measured(t)[0].argmax(-1) == labels)
-        for t in FLAGS.paths
+        (
+            (measured(t)[1], t, measured(t)[0].argmax(-1) == labels)
+            for t in FLAGS.paths
+        ),
+        key=lambda run: run[:2],
     )
     results["oracle"] = oracle(runs, labels)
     full_losses = None

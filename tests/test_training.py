@@ -405,7 +405,9 @@ def test_sandwich_step_minimizes_full_plus_distilled_narrow_paths(
     assert logs["flops_ratio"][0] == pytest.approx(full_ratio, rel=1e-6)
 
 
-@pytest.mark.parametrize("sandwich_paths", [0, 1])
+@pytest.mark.parametrize(
+    "sandwich_paths", [0, pytest.param(1, marks=pytest.mark.slow)]
+)
 def test_fixed_paths_are_distilled_from_the_full_path_every_step(
     tmp_path, sandwich_paths
 ):
