@@ -176,19 +176,8 @@ def main(argv):
     }
     print("before:", results["before"], flush=True)
 
-    tuned = keras_rnp.rewrap(
-        rnp,
-        decision_steps=0,
-        backbone_steps=1,
-        backbone_epsilon=0.0,
-        sandwich_paths=0,
-        fixed_paths=(),
-        distillation=0.0,
-    )
-    train = _train_split()
-    steps = FLAGS.epochs * int(train.cardinality())
-    tuned.compile(optimizer=_optimizer(steps), metrics=["accuracy"])
-    tuned.fit(train, epochs=FLAGS.epochs, verbose=2)
+    # Under the greedy decisions (with the default path and margin).
+    tuned, steps = _fine_tune(rnp, sandwich_paths=0, fixed_paths=())
     results["after"] = measure(tuned, test_images, test_labels, path)
     print("after:", results["after"], flush=True)
     results["image_passes"] = steps * FLAGS.batch_size
@@ -205,6 +194,25 @@ def _write(results, start, model=None):
     out = os.path.join(FLAGS.work_dir, "results.json")
     io_utils.write_json(out, results)
     print(f"{results['seconds']:.0f} s. Wrote {out}")
+
+
+def _fine_tune(rnp, **paths):
+    """A copy of `rnp` whose backbone is fine-tuned for `--epochs`, the
+    decision network left as it is (`paths`: `sandwich_paths` and
+    `fixed_paths`); returns it and the number of steps."""
+    tuned = keras_rnp.rewrap(
+        rnp,
+        decision_steps=0,
+        backbone_steps=1,
+        backbone_epsilon=0.0,
+        distillation=0.0,
+        **paths,
+    )
+    train = _train_split()
+    steps = FLAGS.epochs * int(train.cardinality())
+    tuned.compile(optimizer=_optimizer(steps), metrics=["accuracy"])
+    tuned.fit(train, epochs=FLAGS.epochs, verbose=2)
+    return tuned, steps
 
 
 def _train_split():
@@ -248,19 +256,9 @@ def main_paths(rnp, images, labels, start):
     print("before:", results["before"], flush=True)
     # The library's sandwich step on these paths: the full path on the
     # labels and each path (and any --sandwich_paths) on its predictions.
-    tuned = keras_rnp.rewrap(
-        rnp,
-        decision_steps=0,
-        backbone_steps=1,
-        backbone_epsilon=0.0,
-        distillation=0.0,
-        sandwich_paths=FLAGS.sandwich_paths,
-        fixed_paths=paths,
+    tuned, steps = _fine_tune(
+        rnp, sandwich_paths=FLAGS.sandwich_paths, fixed_paths=paths
     )
-    train = _train_split()
-    steps = FLAGS.epochs * int(train.cardinality())
-    tuned.compile(optimizer=_optimizer(steps), metrics=["accuracy"])
-    tuned.fit(train, epochs=FLAGS.epochs, verbose=2)
     results["after"] = measure_all(tuned)
     print("after:", results["after"], flush=True)
     # Forward and backward: the full path and every other path trained.
