@@ -4,7 +4,12 @@ Each measurement runs in a fresh Python process (a first call is first
 only once, and peak memory is per process): the first `rnp.run()` and
 `rnp.predict()` of a freshly wrapped model, `export_saved_model`, and
 `export_onnx` beside tf2onnx's export of the plain backbone (the file
-sizes side by side). Prints a table and writes JSON (`--output`).
+sizes side by side), `export_onnx` of the model loaded from its `.keras`
+file in a process that never built it (`onnx_loaded`, as a user exports a
+trained model), each with the memory resident when it starts and the peak
+from there (VmHWM reset before the call, so the peak of building and
+wrapping the model is not counted). Prints a table and writes JSON
+(`--output`).
 
     python benchmarks/first_call.py                       # toys and VGG-16
     python benchmarks/first_call.py --models=toy2,toy4,toy8
@@ -17,7 +22,6 @@ Models: `toyL`, L gated 3x3 convolutions of 8 filters on 32x32 images
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,7 +34,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["toy2", "toy4", "toy8", "vgg16"], "Networks.")
 flags.DEFINE_list(
     "measures",
-    ["run", "predict", "saved_model", "onnx", "plain_onnx"],
+    ["run", "predict", "saved_model", "onnx", "onnx_loaded", "plain_onnx"],
     "What to time, each in a fresh process.",
 )
 flags.DEFINE_integer("groups", 4, "Channel groups per gated layer.")
@@ -38,8 +42,18 @@ flags.DEFINE_string(
     "output", "benchmarks/results/first_call.json", "Where to write JSON."
 )
 flags.DEFINE_string("one", None, "Internal: run one 'model:measure' here.")
+flags.DEFINE_string(
+    "keras_file", None, "Internal: the saved RNP model of onnx_loaded."
+)
 
-MEASURES = ("run", "predict", "saved_model", "onnx", "plain_onnx")
+MEASURES = (
+    "run",
+    "predict",
+    "saved_model",
+    "onnx",
+    "onnx_loaded",
+    "plain_onnx",
+)
 
 
 def build(name, groups):
@@ -71,19 +85,33 @@ def build(name, groups):
 def measure_one(name, measure, groups):
     """Times one measure in this (fresh) process; returns a dict."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
     import numpy as np
     import tensorflow as tf
 
     import keras_rnp
+    import keras_rnp.io_utils
 
-    backbone = build(name, groups)
-    rnp = keras_rnp.wrap(backbone, groups=groups, gate_first=True)
+    if measure == "onnx_loaded":
+        # As a user exports a trained model: loaded from its .keras file
+        # in a process that never built the backbone.
+        rnp = keras.models.load_model(FLAGS.keras_file)
+    else:
+        backbone = build(name, groups)
+        rnp = keras_rnp.wrap(backbone, groups=groups, gate_first=True)
+        if measure == "save":
+            keras_rnp.io_utils.save_model(rnp, FLAGS.keras_file)
+            return {}
     images = (
         np.random.default_rng(0)
         .normal(size=(1, *rnp.image_shape))
         .astype("float32")
     )
     result = {"model": name, "measure": measure}
+    # What the process holds before the call (the model, TensorFlow), and
+    # the peak from there: the call's own, without building and wrapping.
+    result["before_bytes"] = resident_memory("VmRSS")
+    result["reset_peak"] = reset_peak_memory()
     with tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()
         if measure == "run":
@@ -92,7 +120,7 @@ def measure_one(name, measure, groups):
             rnp.predict(images, verbose=0)
         elif measure == "saved_model":
             keras_rnp.export_saved_model(rnp, os.path.join(workdir, "m"))
-        elif measure == "onnx":
+        elif measure in ("onnx", "onnx_loaded"):
             path = os.path.join(workdir, "m.onnx")
             keras_rnp.export_onnx(rnp, path)
             result["bytes"] = os.path.getsize(path)
@@ -113,35 +141,56 @@ def measure_one(name, measure, groups):
             )
             result["bytes"] = os.path.getsize(path)
         result["seconds"] = time.perf_counter() - start
-    result["peak_bytes"] = peak_memory()
+    result["peak_bytes"] = resident_memory("VmHWM")
     return result
 
 
-def peak_memory():
-    """This process's peak resident memory in bytes: VmHWM, which exec
-    resets (ru_maxrss keeps the parent's peak across fork and exec)."""
+def resident_memory(key):
+    """This process's resident memory in bytes from /proc/self/status:
+    `VmRSS` now or `VmHWM` its peak (which exec resets, where ru_maxrss
+    keeps the parent's peak across fork and exec), None without /proc."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None
+
+
+def reset_peak_memory():
+    """Resets VmHWM to the current resident memory (Linux 4.0+: writing 5
+    to /proc/self/clear_refs); whether it could."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def format_row(row):
-    size = f"{row['bytes'] / 2**20:9.2f}" if "bytes" in row else " " * 9
     if "error" in row:
         return f"{row['model']:<6} {row['measure']:<12} {row['error']}"
+    size = f"{row['bytes'] / 2**20:9.2f}" if "bytes" in row else " " * 9
+
+    def gib(key):
+        value = row.get(key)
+        return f"{value / 2**30:8.2f}" if value is not None else " " * 8
+
     return (
         f"{row['model']:<6} {row['measure']:<12} {row['seconds']:9.2f} "
-        f"{row['peak_bytes'] / 2**30:8.2f} {size}"
+        f"{gib('before_bytes')} {gib('peak_bytes')} {size}"
     )
 
 
+# Before: resident memory when the call starts; peak: the peak from there
+# (the process's peak, model building included, where VmHWM cannot be
+# reset: see each row's reset_peak).
 HEADER = (
-    f"{'model':<6} {'measure':<12} {'seconds':>9} {'peak GiB':>8} {'MiB':>9}"
+    f"{'model':<6} {'measure':<12} {'seconds':>9} {'GiB at 0':>8} "
+    f"{'peak GiB':>8} {'MiB':>9}"
 )
 
 
@@ -163,16 +212,8 @@ def main(argv):
     rows = []
     for name in FLAGS.models:
         for measure in FLAGS.measures:
-            done = subprocess.run(
-                [
-                    sys.executable,
-                    os.path.abspath(__file__),
-                    f"--one={name}:{measure}",
-                    f"--groups={FLAGS.groups}",
-                ],
-                capture_output=True,
-                text=True,
-            )
+            with tempfile.TemporaryDirectory() as workdir:
+                done = run_one(name, measure, workdir)
             lines = done.stdout.strip().splitlines()
             if done.returncode or not lines:
                 error = (done.stderr.strip().splitlines() or ["failed"])[-1]
@@ -183,6 +224,26 @@ def main(argv):
             print(format_row(row), flush=True)
             write_results(rows)
     print(f"Wrote {FLAGS.output}")
+
+
+def run_one(name, measure, workdir):
+    """Runs one measure in a fresh process (for `onnx_loaded`, after
+    another that wraps the model and saves it in `workdir`)."""
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        f"--groups={FLAGS.groups}",
+        f"--keras_file={os.path.join(workdir, 'rnp.keras')}",
+    ]
+    if measure == "onnx_loaded":
+        saved = subprocess.run(
+            [*command, f"--one={name}:save"], capture_output=True, text=True
+        )
+        if saved.returncode:
+            return saved
+    return subprocess.run(
+        [*command, f"--one={name}:{measure}"], capture_output=True, text=True
+    )
 
 
 def write_results(rows):

@@ -41,6 +41,7 @@ import keras_rnp  # noqa: E402
 from keras_rnp import backbones  # noqa: E402
 from keras_rnp import export as export_lib  # noqa: E402
 from keras_rnp import io_utils  # noqa: E402
+from keras_rnp import onnx_file  # noqa: E402
 from keras_rnp.static_pruning import l1_prune  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -142,7 +143,6 @@ class Runtimes:
         return plain, run_rnp
 
     def onnx(self):
-        import onnx
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -159,10 +159,10 @@ class Runtimes:
                 input_signature=[spec],
             )
             with export_lib._tf2onnx_optimizer_without_copies():
-                proto = export_lib._convert_with_weights_as_inputs(
+                proto, weights = export_lib._convert_with_weights_as_inputs(
                     function.get_concrete_function(), 17
                 )
-            onnx.save(proto, path)
+            onnx_file.write(proto, weights, path)
             session = ort.InferenceSession(
                 path, options, providers=["CPUExecutionProvider"]
             )

@@ -237,7 +237,9 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
     convolutions need) when it creates a session: in memory, a session
     holds each gated kernel of a chain about `1 + (1 + 2 + ... + k)^2 /
     k^2` times (7.25 at 4 groups), of a residual block fewer (its prefixes
-    share one input and output width). The write is atomic.
+    share one input and output width). The write is atomic, and streams
+    the weights into the file a slice at a time (`keras_rnp.onnx_file`):
+    VGG-16's export peaks 1.3 GiB above the memory the model held.
 
     ONNX graphs cannot raise errors: where the SavedModel refuses a
     negative or non-finite budget and forced actions outside `1..groups`,
@@ -265,6 +267,8 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
     """
     import onnx
 
+    from keras_rnp import onnx_file
+
     _check_model(rnp)
     check_opset(opset)
     if rnp.compute_dtype == "bfloat16":
@@ -285,10 +289,10 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
     function = tf.function(function, input_signature=signature)
     concrete = function.get_concrete_function()
     with _tf2onnx_optimizer_without_copies():
-        model_proto = _convert_with_weights_as_inputs(concrete, opset)
+        model_proto, weights = _convert_with_weights_as_inputs(concrete, opset)
     _inline_captured_constants(model_proto, concrete, len(signature))
     _name_inputs(model_proto, [spec.name for spec in signature])
-    _share_branch_initializers(model_proto)
+    _share_branch_initializers(model_proto, reserved=weights)
     second = FORCED_ACTIONS_DOC if forced_actions else budget_doc(rnp)
     model_proto.doc_string = (
         f"keras_rnp RNP model ({rnp.num_gated_layers} gated layers, "
@@ -300,7 +304,7 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
     key = "forced_actions" if forced_actions else "budget"
     onnx.helper.set_model_props(model_proto, {key: second})
     with atomic_path(path, is_dir=False) as staging:
-        onnx.save(model_proto, staging)
+        onnx_file.write(model_proto, weights, staging)
     return os.fspath(path)
 
 
@@ -442,7 +446,7 @@ _LIFTED_SIZE = 1024
 
 def _convert_with_weights_as_inputs(concrete, opset):
     """Converts a concrete function to ONNX with its weights as inputs while
-    tf2onnx works, initializers afterwards.
+    tf2onnx works, initializers of the file afterwards.
 
     Frozen, a model's weights are constants, which tf2onnx folds: every
     slice of a gated kernel (`GatedConv2D.call_blocks`' blocks and kernel
@@ -450,11 +454,17 @@ def _convert_with_weights_as_inputs(concrete, opset):
     several times, and tf2onnx's passes over the constants of VGG-16 took
     about 20 GB. So every variable the function reads becomes a
     placeholder for the conversion (`_variables_as_placeholders`), and an
-    initializer of the ONNX graph afterwards, stored once; onnxruntime
-    folds the slices and transposes of it into constant weights when it
-    loads the model. Where a variable is read inside a branch, the graph
-    is frozen instead and its float constants of at least `_LIFTED_SIZE`
-    elements are lifted the same way.
+    initializer of the ONNX file, stored once; onnxruntime folds the
+    slices and transposes of it into constant weights when it loads the
+    model. Where a variable is read inside a branch, the graph is frozen
+    instead and its float constants of at least `_LIFTED_SIZE` elements
+    are lifted the same way.
+
+    Returns:
+        The `onnx.ModelProto` without those weights, and `{initializer
+        name: value}` (an array, or a variable's `_VariableRows`) for
+        `onnx_file.write`, which streams them into the file: the weights
+        are never copied all at once.
     """
     import tf2onnx
 
@@ -479,18 +489,21 @@ def _convert_with_weights_as_inputs(concrete, opset):
         opset=opset,
         tensors_to_rename=renames,
     )
-    _inline_inputs(model_proto, lifted)
-    return model_proto
+    graph = model_proto.graph
+    for graph_input in list(graph.input):
+        if graph_input.name in lifted:
+            graph.input.remove(graph_input)
+    return model_proto, lifted
 
 
 def _variables_as_placeholders(concrete):
     """The function's graph with a placeholder in place of each variable it
-    reads, and `{placeholder name: the variable's value}`; None if a
-    variable is read other than by a `ReadVariableOp` of the main graph
-    (inside a `tf.cond` branch, say).
+    reads, and `{placeholder name: _VariableRows}`; None if a variable is
+    read other than by a `ReadVariableOp` of the main graph (inside a
+    `tf.cond` branch, say).
 
     Nothing is frozen, so no copy of the weights passes through TensorFlow
-    or tf2onnx: the values are read once, for the ONNX initializers.
+    or tf2onnx: each value is read, in slices, as the file is written.
     """
     graph_def = concrete.graph.as_graph_def(add_shapes=True)
     for function in graph_def.library.function:
@@ -517,14 +530,13 @@ def _variables_as_placeholders(concrete):
         if not reads:
             continue
         dtype = tf.dtypes.as_dtype(reads[0].attr["dtype"].type)
-        value = tf.raw_ops.ReadVariableOp(
-            resource=handles[node.name], dtype=dtype
-        )
-        lifted[node.name] = value.numpy()
+        lifted[node.name] = value = _VariableRows(handles[node.name], dtype)
         node.op = "Placeholder"
         node.ClearField("attr")
         node.attr["dtype"].type = dtype.as_datatype_enum
-        node.attr["shape"].shape.CopyFrom(value.shape.as_proto())
+        node.attr["shape"].shape.CopyFrom(
+            tf.TensorShape(value.shape).as_proto()
+        )
         nodes.append(node)
         for read in reads:
             read.op = "Identity"
@@ -533,6 +545,29 @@ def _variables_as_placeholders(concrete):
     del graph_def.node[:]
     graph_def.node.extend(nodes)
     return graph_def, lifted
+
+
+class _VariableRows:
+    """A variable's value for `onnx_file.write`, read in slices of its
+    first axis (the rows gathered): never all of it at once."""
+
+    def __init__(self, handle, dtype):
+        self.handle, self.tf_dtype = handle, dtype
+        self.dtype = dtype.as_numpy_dtype
+        self.shape = tuple(tf.raw_ops.VariableShape(input=handle).numpy())
+
+    def __getitem__(self, key):
+        if key is Ellipsis:
+            value = tf.raw_ops.ReadVariableOp(
+                resource=self.handle, dtype=self.tf_dtype
+            )
+        else:
+            value = tf.raw_ops.ResourceGather(
+                resource=self.handle,
+                indices=tf.range(key.start, min(key.stop, self.shape[0])),
+                dtype=self.tf_dtype,
+            )
+        return value.numpy()
 
 
 def _frozen_with_large_constants_as_placeholders(concrete):
@@ -601,14 +636,14 @@ def _inline_captured_constants(model_proto, concrete, count):
     _inline_inputs(model_proto, values)
 
 
-def _share_branch_initializers(model_proto):
+def _share_branch_initializers(model_proto, reserved=()):
     """Stores each constant once: tf2onnx folds the constants of every
     `If` branch on its own, so a constant that several branches use (a
     slice of a weight read inside a branch, when the graph had to be
     frozen; small constants) would be stored once per branch. Moves the
     branches' initializers to the main graph, one per distinct value,
     where the branches read them (an outer-scope value, as ONNX
-    allows)."""
+    allows). `reserved`: names of the initializers the file will add."""
     import hashlib
 
     import onnx
@@ -628,7 +663,7 @@ def _share_branch_initializers(model_proto):
         for sub in _subgraphs(graph):
             yield from all_names(sub)
 
-    names = set(all_names(main))
+    names = set(all_names(main)) | set(reserved)
     shared = {key(tensor): tensor.name for tensor in main.initializer}
 
     def hoist(graph):

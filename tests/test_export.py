@@ -431,12 +431,24 @@ def test_failed_export_leaves_previous_artifact_intact(
 ):
     path = tmp_path / "rnp.onnx"
     path.write_bytes(b"previous")
-    import onnx
+    from keras_rnp import onnx_file
+
+    # The disk fills up after the model and its first weight are written.
+    record = onnx_file._initializer_record
+    calls = []
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(onnx, "save", crash)
+    def crash_on_second_weight(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            crash()
+        return record(*args)
+
+    monkeypatch.setattr(
+        onnx_file, "_initializer_record", crash_on_second_weight
+    )
     with pytest.raises(OSError, match="disk full"):
         keras_rnp.export_onnx(rnp, path)
     assert path.read_bytes() == b"previous"
