@@ -68,7 +68,11 @@ def test_backups_are_whole_directories_and_the_last_two_stay(tmp_path):
         assert sorted(os.listdir(path)) == ["model.weights.h5", "state.json"]
 
 
-@pytest.mark.parametrize("torn", ["model.weights.h5", "state.json"])
+@pytest.mark.parametrize(
+    "torn",
+    # The second case is slow: the default run keeps to 15 minutes.
+    ["model.weights.h5", pytest.param("state.json", marks=pytest.mark.slow)],
+)
 def test_a_torn_newest_backup_falls_back_to_the_previous(tmp_path, torn):
     backup = str(tmp_path / "backup")
     run(backup, epochs=3)
@@ -123,7 +127,11 @@ class Record(keras.callbacks.Callback):
         self.weights.append(self.model.get_weights())
 
 
-@pytest.mark.parametrize("max_flops_ratio", [None, 0.8, 1e-3])
+@pytest.mark.parametrize(
+    "max_flops_ratio",
+    # The last case is slow: the default run keeps to 15 minutes.
+    [None, 0.8, pytest.param(1e-3, marks=pytest.mark.slow)],
+)
 def test_select_on_validation_keeps_the_best_epoch_within_the_budget(
     max_flops_ratio,
 ):
@@ -165,6 +173,9 @@ def test_select_on_validation_keeps_the_best_epoch_within_the_budget(
     assert steps == 5 * 3  # 24 images in batches of 8.
 
 
+# Slow (the default run keeps to 15 minutes): the callback's choice is tested
+# above.
+@pytest.mark.slow
 def test_select_on_validation_without_validation_logs_keeps_the_last():
     rnp = make_rnp()
     x, y = data()

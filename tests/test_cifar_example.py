@@ -236,7 +236,11 @@ def test_resnet20_runs_every_training_step_on_inner_widths(tmp_path):
     )
 
 
-@pytest.mark.parametrize("prune_first", [False, True])
+@pytest.mark.parametrize(
+    "prune_first",
+    # The first case is slow: the default run keeps to 15 minutes.
+    [pytest.param(False, marks=pytest.mark.slow), True],
+)
 def test_static_pruning_keeps_or_prunes_the_first_convolution(
     tmp_path, prune_first
 ):

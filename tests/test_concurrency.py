@@ -78,6 +78,8 @@ def test_saved_model_shared_by_threads(rnp, requests, tmp_path):
     check_under_threads(call, requests)
 
 
+# Slow (the default run keeps to 15 minutes): the SavedModel's case stays.
+@pytest.mark.slow
 def test_onnx_session_shared_by_threads(rnp, requests, tmp_path):
     sessions = {}
     for key, forced in (("budget", False), ("forced_actions", True)):

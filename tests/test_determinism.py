@@ -1,6 +1,7 @@
 """Seeded, op-deterministic training is reproducible across processes."""
 
 import numpy as np
+import pytest
 from helpers import run_json_script
 
 
@@ -8,6 +9,8 @@ def run_once():
     return run_json_script("determinism_run.py", timeout=300)
 
 
+# Slow (the default run keeps to 15 minutes): about 25 s.
+@pytest.mark.slow
 def test_two_seeded_runs_give_identical_weights_and_actions():
     first, second = run_once(), run_once()
     assert first["step_counter"] == second["step_counter"] == 18

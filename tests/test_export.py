@@ -434,7 +434,7 @@ def test_failed_export_leaves_previous_artifact_intact(
     from keras_rnp import onnx_file
 
     # The disk fills up after the model and its first weight are written.
-    record = onnx_file._initializer_record
+    chunks = onnx_file._chunks
     calls = []
 
     def crash(*args, **kwargs):
@@ -444,11 +444,9 @@ def test_failed_export_leaves_previous_artifact_intact(
         calls.append(args)
         if len(calls) == 2:
             crash()
-        return record(*args)
+        return chunks(*args)
 
-    monkeypatch.setattr(
-        onnx_file, "_initializer_record", crash_on_second_weight
-    )
+    monkeypatch.setattr(onnx_file, "_chunks", crash_on_second_weight)
     with pytest.raises(OSError, match="disk full"):
         keras_rnp.export_onnx(rnp, path)
     assert path.read_bytes() == b"previous"

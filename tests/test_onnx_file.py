@@ -1,5 +1,7 @@
 """onnx_file.write: weights streamed into the file parse as initializers."""
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -54,7 +56,8 @@ def test_streamed_weights_parse_as_the_model_with_its_initializers(
     model = small_model()
     monkeypatch.setattr(onnx_file, "CHUNK_BYTES", 1000)
     onnx_file.write(model, sources, path)
-    # 250 rows of 4 bytes: 2 rows of 2 * 50 bytes: each read once, in slices.
+    # Each read once, in slices of about 1000 bytes: w's rows are 12 bytes
+    # (83 a slice), half's 100 bytes (10 a slice).
     assert sources["w"].reads == [slice(0, 83)]
     assert sources["half"].reads == [slice(i, i + 10) for i in (0, 10, 20, 30)]
     assert sources["scalar"].reads == [Ellipsis]
@@ -87,8 +90,55 @@ def test_varints_match_protobufs():
         assert encoded[1:] == onnx_file._varint(n)
 
 
-def test_refuses_a_file_past_two_gib(tmp_path, monkeypatch):
+def test_refuses_a_file_past_two_gib_before_writing(tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_file, "MAX_BYTES", 1000)
     weights = {"w": np.zeros(300, np.float32)}
-    with pytest.raises(ValueError, match="at most 2 GiB.*more than 0.00 GiB"):
+    with pytest.raises(ValueError, match="at most 2 GiB.*a model of 0.00 GiB"):
         onnx_file.write(small_model(), weights, tmp_path / "m.onnx")
+    assert not os.path.exists(tmp_path / "m.onnx")
+
+
+def test_refuses_a_value_shorter_than_its_shape(tmp_path):
+    class Short:
+        """Says 4 rows, gives 3."""
+
+        shape, dtype = (4, 2), np.dtype(np.float32)
+
+        def __getitem__(self, key):
+            return np.zeros((3, 2), np.float32)
+
+    with pytest.raises(ValueError, match="Expected 32 bytes of weight 'w'.*24"):
+        onnx_file.write(small_model(), {"w": Short()}, tmp_path / "m.onnx")
+
+
+def test_the_graph_is_one_field_of_the_file(tmp_path):
+    # Decoders that replace a repeated message field instead of merging it
+    # (some JavaScript ones) read one graph field whole.
+    path = tmp_path / "m.onnx"
+    onnx_file.write(small_model(), {"w": np.ones(3, np.float32)}, path)
+    data = path.read_bytes()
+    tag = onnx_file._varint(7 << 3 | 2)
+    graphs = 0
+    position = 0
+    while position < len(data):  # the ModelProto's top-level fields
+        key, position = _read_varint(data, position)
+        if key & 7 == 0:
+            _, position = _read_varint(data, position)
+            continue
+        assert key & 7 == 2
+        size, position = _read_varint(data, position)
+        graphs += onnx_file._varint(key) == tag
+        position += size
+    assert position == len(data)
+    assert graphs == 1
+
+
+def _read_varint(data, position):
+    value = shift = 0
+    while True:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, position

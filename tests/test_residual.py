@@ -326,7 +326,11 @@ def test_onnx_runs_a_uniform_batch_block_by_block_in_one_branch(net, tmp_path):
         assert helpers.convolutions(ops) == convolutions, (a, ops)
 
 
-@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+@pytest.mark.parametrize(
+    "policy",
+    # The second case is slow: the default run keeps to 15 minutes.
+    ["float32", pytest.param("mixed_float16", marks=pytest.mark.slow)],
+)
 def test_onnx_mixed_batches_with_per_width_statistics(policy, tmp_path):
     # Mixed actions run block by block, each action's images as a uniform
     # batch: each must get its own width's statistics, in half precision
@@ -404,6 +408,9 @@ def test_keras_file_round_trip_and_strip(tmp_path):
     assert type(plain) is type(bottleneck_net())
 
 
+# Slow (the default run keeps to 15 minutes): about 30 s; chains test the same
+# training.
+@pytest.mark.slow
 def test_training_updates_the_decision_network_and_every_width():
     model = bottleneck_net()
     rng = np.random.default_rng(0)

@@ -174,6 +174,9 @@ def read_counter(weights_file):
     return [int(v) for v in found]
 
 
+# Slow (the default run keeps to 15 minutes): about 50 s; the backup test above
+# resumes every piece of state.
+@pytest.mark.slow
 def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     """SIGKILL a real quickstart run in the middle of RNP training, run
     the same command again: it continues from the last completed epoch."""

@@ -260,6 +260,9 @@ def test_per_width_gamma_and_beta_against_numpy():
         )
 
 
+# Slow (the default run keeps to 15 minutes): about 30 s; per-width gamma and
+# beta are checked against NumPy above.
+@pytest.mark.slow
 def test_per_width_affine_model_masked_sliced_exports_and_training(tmp_path):
     from helpers import onnx_outputs
     from helpers import onnx_session
