@@ -239,7 +239,7 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
     k^2` times (7.25 at 4 groups), of a residual block fewer (its prefixes
     share one input and output width). The write is atomic, and streams
     the weights into the file a slice at a time (`keras_rnp.onnx_file`):
-    VGG-16's export peaks 1.3 GiB above the memory the model held.
+    VGG-16's export peaks 1.3-1.4 GiB above the memory the model held.
 
     ONNX graphs cannot raise errors: where the SavedModel refuses a
     negative or non-finite budget and forced actions outside `1..groups`,
