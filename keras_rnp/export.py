@@ -204,13 +204,14 @@ def export_saved_model(rnp, path, version=1, overwrite=False):
     return target
 
 
-def _contiguous_head_rows(rnp):
+def _contiguous_head_rows(rnp, split=False):
     """A chain's Flatten head reads its dense rows from a group-major copy
-    (`GatedHead.rows_by_group`) in the traced graph."""
+    (`GatedHead.rows_by_group`) in the traced graph; with `split`, one
+    copy per group (for `call_blocks`)."""
     head = getattr(rnp.plan, "head", None)
     if head is None:
         return contextlib.nullcontext()
-    return head.rows_by_group(rnp.groups)
+    return head.rows_by_group(rnp.groups, split=split)
 
 
 def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
@@ -322,8 +323,10 @@ def export_litert(rnp, path, overwrite=True, forced_actions=False):
 
     The graph is the ONNX export's block graph without its branch for
     uniform batches (`execution.SLICED_BLOCKS`): each gated kernel stored
-    once as constant blocks, each block run on the images that need it, no
-    control flow, LiteRT's builtin operators only (no Flex delegate). Like
+    once as constant blocks (a Flatten head's first dense kernel as one
+    constant per channel group: see `GatedHead.rows_by_group`), each block
+    run on the images that need it, no control flow, LiteRT's builtin
+    operators only (no Flex delegate). Like
     ONNX it cannot raise errors: a negative or non-finite budget counts as
     0 and forced actions are clipped. XNNPACK refuses an
     empty batch. The write is atomic.
@@ -352,7 +355,10 @@ def export_litert(rnp, path, overwrite=True, forced_actions=False):
         )
     names = ["serving_actions"] if forced_actions else list(LITERT_SIGNATURES)
     signatures = _signatures(rnp, execution.SLICED_BLOCKS)
-    with tempfile.TemporaryDirectory() as saved_model:
+    with (
+        _contiguous_head_rows(rnp, split=True),
+        tempfile.TemporaryDirectory() as saved_model,
+    ):
         # Through a SavedModel: the converter freezes its variables into
         # constants (a concrete function would keep resource variables).
         archive = keras.export.ExportArchive()

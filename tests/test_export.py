@@ -351,6 +351,65 @@ def test_flatten_head_and_softmax_output_export(tmp_path):
         )
 
 
+def flatten_head_litert_parity(tmp_path, height, channels, units):
+    """A conv -> conv -> Flatten -> dense -> dense chain (4 groups) in LiteRT
+    under XNNPACK against Keras: batch 1 at every action (the other head
+    blocks multiply zero rows) and a mixed batch."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((height, height, 3)),
+            L.Conv2D(8, 3, padding="same", activation="relu"),
+            L.Conv2D(channels, 3, padding="same", activation="relu"),
+            L.Flatten(),
+            L.Dense(units, activation="relu"),
+            L.Dense(3),
+        ]
+    )
+    rnp = keras_rnp.wrap(model, groups=4)
+    path = keras_rnp.export_litert(
+        rnp, tmp_path / "flatten.tflite", forced_actions=True
+    )
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, height, height, 3)).astype("float32")
+    steps = rnp.num_gated_layers
+    mixed = rng.integers(1, 5, size=(6, steps)).astype("int32")
+    settings = [(x[:1], np.full((1, steps), a, "int32")) for a in (1, 2, 4)]
+    for images, actions in settings + [(x, mixed)]:
+        # A new interpreter each time: XNNPACK failed at its first call.
+        out = litert_runner(path, "serving_actions")(
+            images=images, forced_actions=actions
+        )
+        expected = rnp.run(images, actions=actions)["logits"]
+        np.testing.assert_allclose(out["logits"], expected, atol=1e-4)
+    return path
+
+
+def test_litert_flatten_head(tmp_path):
+    path = flatten_head_litert_parity(tmp_path, 6, 8, 5)
+    # The head's first dense kernel is one constant per channel group
+    # (GatedHead.rows_by_group(split=True)), each read whole by a fully
+    # connected operator: 5 units x 6 * 6 * 2 rows.
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    weights = [
+        tuple(tensors[op["inputs"][1]]["shape"])
+        for op in interpreter._get_ops_details()
+        if op["op_name"] == "FULLY_CONNECTED"
+    ]
+    assert weights.count((5, 72)) == 4, weights
+
+
+@pytest.mark.slow  # Converts a 144 MB kernel (about 40 s).
+def test_litert_flatten_head_above_the_converters_folding_limit(tmp_path):
+    # A dense kernel above 128 MiB (8 * 8 * 512 x 1100 floats): the
+    # converter does not fold a slice of it, and XNNPACK's batch matmul on
+    # the slice refused the zero-row blocks (VGG-16 failed so at a=1).
+    flatten_head_litert_parity(tmp_path, 8, 512, 1100)
+
+
 @pytest.fixture(scope="module")
 def litert_file(rnp, tmp_path_factory):
     path = tmp_path_factory.mktemp("litert") / "rnp.tflite"

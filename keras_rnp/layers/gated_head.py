@@ -70,7 +70,7 @@ class GatedHead(keras.layers.Layer):
         return x
 
     @contextlib.contextmanager
-    def rows_by_group(self, groups):
+    def rows_by_group(self, groups, split=False):
         """Within the block, `call_sliced` after a Flatten reads the first
         dense layer's rows from a copy ordered channel group by channel
         group, so that the rows of the first `a` groups are one contiguous
@@ -85,11 +85,21 @@ class GatedHead(keras.layers.Layer):
         traces its signatures there). Does nothing for a head without a
         Flatten-fed dense layer.
 
+        With `split`, the copy is one variable per group instead, which
+        `call_blocks` reads (`export_litert`): frozen, each is a constant
+        of its own that a fully connected operator reads whole. The LiteRT
+        converter does not fold a slice of a constant above 128 MiB, such
+        as VGG-16's 411 MB kernel; XNNPACK then ran a batch matmul on the
+        slice, which refuses zero rows, and the file failed at batch 1 on
+        its first narrow call.
+
         Args:
             groups: the last gated unit's channel groups.
+            split: one variable per group.
 
         Yields:
-            The copy (a `tf.Variable`), or None.
+            The copy (a `tf.Variable`, or with `split` a list of one per
+            group), or None.
         """
         index = self.gated_dense_index
         if index is None or not isinstance(self.head_layers[0], _L.Flatten):
@@ -100,10 +110,20 @@ class GatedHead(keras.layers.Layer):
         size = self.in_channels // groups
         kernel = keras.ops.convert_to_numpy(dense.kernel)
         kernel = kernel.reshape(height, width, groups, size, dense.units)
-        kernel = kernel.transpose(2, 0, 1, 3, 4).reshape(-1, dense.units)
-        variable = tf.Variable(
-            kernel, trainable=False, name=f"{dense.name}_rows_by_group"
-        )
+        kernel = kernel.transpose(2, 0, 1, 3, 4)
+        name = f"{dense.name}_rows_by_group"
+        if split:
+            variable = [
+                tf.Variable(
+                    block.reshape(-1, dense.units),
+                    trainable=False,
+                    name=f"{name}_{o}",
+                )
+                for o, block in enumerate(kernel)
+            ]
+        else:
+            kernel = kernel.reshape(-1, dense.units)
+            variable = tf.Variable(kernel, trainable=False, name=name)
         token = _ROWS_BY_GROUP.set(
             {**(_ROWS_BY_GROUP.get() or {}), id(self): (variable, size)}
         )
@@ -111,6 +131,14 @@ class GatedHead(keras.layers.Layer):
             yield variable
         finally:
             _ROWS_BY_GROUP.reset(token)
+
+    def _rows_copy(self, split):
+        """`(copy, group size)` made by `rows_by_group(groups, split)` for
+        this head in this context, or None."""
+        copy = (_ROWS_BY_GROUP.get() or {}).get(id(self))
+        if copy is None or isinstance(copy[0], list) != split:
+            return None
+        return copy
 
     def call_sliced(self, y, active):
         """The head on the last unit's `active` computed channels.
@@ -129,7 +157,7 @@ class GatedHead(keras.layers.Layer):
         dense = self.head_layers[index]
         rest = self.head_layers[index + 1 :]
         kernel = dense.kernel
-        rows_by_group = (_ROWS_BY_GROUP.get() or {}).get(id(self))
+        rows_by_group = self._rows_copy(split=False)
         if isinstance(reducer, _L.Flatten) and rows_by_group:
             kernel, size = rows_by_group
             height, width = y.shape[1:3]
@@ -163,9 +191,11 @@ class GatedHead(keras.layers.Layer):
         call_blocks`), for graphs whose weights must be constants.
 
         The first dense layer's rows are cut by channel group (each row
-        once); group `o`'s rows multiply only the images whose action
-        exceeds `o`. Where no dense layer reads the gated channels
-        directly, the groups are joined and the head runs whole.
+        once; inside `rows_by_group(groups, split=True)`, each group's rows
+        are a variable of their own); group `o`'s rows multiply only the
+        images whose action exceeds `o`. Where no dense layer reads the
+        gated channels directly, the groups are joined and the head runs
+        whole.
         """
         index = self.gated_dense_index
         if index is None:
@@ -178,16 +208,21 @@ class GatedHead(keras.layers.Layer):
         batch = tf.shape(groups[0])[0]
         dtype = groups[0].dtype
         kernel = dense.kernel
+        blocks = None
         if isinstance(reducer, _L.Flatten):
             height, width = groups[0].shape[1:3]
             kernel = tf.reshape(kernel, [height, width, self.in_channels, -1])
+            blocks = (self._rows_copy(split=True) or (None,))[0]
         # Summed in float32 (onnxruntime's CPU ScatterND cannot add
         # float16).
         y = tf.zeros(tf.stack([batch, dense.units]), tf.float32)
         for o, part in enumerate(groups):
             rows = tf.where(action > o)
             part = tf.gather_nd(part, rows)
-            if isinstance(reducer, _L.Flatten):
+            if blocks is not None:
+                block = blocks[o]
+                part = tf.reshape(part, [-1, height * width * size])
+            elif isinstance(reducer, _L.Flatten):
                 block = kernel[:, :, o * size : (o + 1) * size]
                 block = tf.reshape(block, [-1, dense.units])
                 part = tf.reshape(part, [-1, height * width * size])
