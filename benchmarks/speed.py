@@ -13,9 +13,18 @@ pruning), in the same loop: what a network that narrow costs in the
 runtime, so the gap between it and RNP is what the decisions and the
 run-time slices cost.
 
+With `--policy_model`, a trained RNP model (`.keras`) is also timed as it
+serves: its learned policy decides each image's actions (no forced
+actions; the default signature or file of each export) on the first
+`--policy_images` images of a real split, batch after batch, against its
+own full-width network (`keras_rnp.strip`) on the same images.
+
     python benchmarks/speed.py --models=cifar4 --repeats=7
     python benchmarks/speed.py --models=vgg16 --batches=1
     python benchmarks/speed.py --models=resnet20,mobilenetv2 --batches=1
+    python benchmarks/speed.py --models= \
+        --policy_model=runs/cifar10/rnp_p0.07.keras \
+        --data_dir=../shared/data/cifar10
 
 Prints a table and writes JSON (`--output`): per setting, the FLOPs
 speed-up (full FLOPs over the FLOPs the RNP model executes, decision
@@ -42,6 +51,7 @@ from keras_rnp import backbones  # noqa: E402
 from keras_rnp import export as export_lib  # noqa: E402
 from keras_rnp import io_utils  # noqa: E402
 from keras_rnp import onnx_file  # noqa: E402
+from keras_rnp.data_utils import load_split  # noqa: E402
 from keras_rnp.static_pruning import l1_prune  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -58,6 +68,23 @@ flags.DEFINE_string(
     "output", "benchmarks/results/speed.json", "Where to write the JSON."
 )
 flags.DEFINE_integer("seed", 0, "Seed of the weights, images and actions.")
+flags.DEFINE_string(
+    "policy_model",
+    None,
+    "A trained RNP model (.keras) to time under its learned policy on real "
+    "images (the 'policy' rows).",
+)
+flags.DEFINE_string(
+    "data_dir",
+    None,
+    "The policy model's images: an ImageFolder directory, or tfds' data "
+    "directory for --dataset.",
+)
+flags.DEFINE_string("dataset", "cifar10", "tfds dataset of the images.")
+flags.DEFINE_string("split", "test", "Split of the images.")
+flags.DEFINE_integer(
+    "policy_images", 256, "Images the policy model is timed on (each run)."
+)
 flags.DEFINE_enum(
     "ort_rnp_level",
     "all",
@@ -100,10 +127,12 @@ def median_times(functions, repeats, warmup=3):
 class Runtimes:
     """For each runtime, a function that makes a Keras model's callable
     `run(images)` in that runtime, and the RNP model's `run(images,
-    actions)` there."""
+    actions)` there: the forced-actions signature or file of each export,
+    or with `forced=False` the default one, where the learned policy
+    decides (`actions` is then ignored)."""
 
-    def __init__(self, rnp, workdir):
-        self.rnp, self.workdir = rnp, workdir
+    def __init__(self, rnp, workdir, forced=True):
+        self.rnp, self.workdir, self.forced = rnp, workdir, forced
         self.loaded = []  # Loaded SavedModels' functions need their objects.
 
     def _path(self, name):
@@ -115,6 +144,7 @@ class Runtimes:
             return lambda x: function(x).numpy()
 
         def run_rnp(x, actions):
+            actions = actions if self.forced else None
             self.rnp.run(x, actions=actions)["logits"].numpy()
 
         return plain, run_rnp
@@ -132,8 +162,12 @@ class Runtimes:
         )
         self.loaded.append(tf.saved_model.load(path))
         forced = self.loaded[-1].signatures["serving_actions"]
+        default = self.loaded[-1].signatures["serving_default"]
 
         def run_rnp(x, actions):
+            if not self.forced:
+                default(images=tf.constant(x))["logits"].numpy()
+                return
             out = forced(
                 images=tf.constant(x),
                 forced_actions=tf.constant(actions, tf.int32),
@@ -158,10 +192,13 @@ class Runtimes:
                 lambda images: model(images, training=False),
                 input_signature=[spec],
             )
+            concrete = function.get_concrete_function()
             with export_lib._tf2onnx_optimizer_without_copies():
                 proto, weights = export_lib._convert_with_weights_as_inputs(
-                    function.get_concrete_function(), 17
+                    concrete, 17
                 )
+            # Captured constants (a Normalization layer's mean) too.
+            export_lib._inline_captured_constants(proto, concrete, 1)
             onnx_file.write(proto, weights, path)
             session = ort.InferenceSession(
                 path, options, providers=["CPUExecutionProvider"]
@@ -170,7 +207,7 @@ class Runtimes:
             return lambda x: session.run(None, {name: x})
 
         path = os.path.join(self.workdir, "rnp.onnx")
-        keras_rnp.export_onnx(self.rnp, path, forced_actions=True)
+        keras_rnp.export_onnx(self.rnp, path, forced_actions=self.forced)
         rnp_options = ort.SessionOptions()
         rnp_options.log_severity_level = 3
         level = ort.GraphOptimizationLevel
@@ -179,12 +216,16 @@ class Runtimes:
             "extended": level.ORT_ENABLE_EXTENDED,
             "basic": level.ORT_ENABLE_BASIC,
         }[FLAGS.ort_rnp_level]
-        forced = ort.InferenceSession(
+        session = ort.InferenceSession(
             path, rnp_options, providers=["CPUExecutionProvider"]
         )
 
         def run_rnp(x, actions):
-            forced.run(
+            if not self.forced:  # Budget 0: the learned policy.
+                budget = np.zeros([1], np.float32)
+                session.run(["logits"], {"images": x, "budget": budget})
+                return
+            session.run(
                 ["logits"],
                 {"images": x, "forced_actions": actions.astype(np.int32)},
             )
@@ -207,13 +248,15 @@ class Runtimes:
             return lambda x: runner(**{name: x})
 
         path = os.path.join(self.workdir, "rnp.tflite")
-        keras_rnp.export_litert(self.rnp, path, forced_actions=True)
-        forced = Interpreter(model_path=path).get_signature_runner(
-            "serving_actions"
-        )
+        keras_rnp.export_litert(self.rnp, path, forced_actions=self.forced)
+        name = "serving_actions" if self.forced else "serving_default"
+        runner = Interpreter(model_path=path).get_signature_runner(name)
 
         def run_rnp(x, actions):
-            forced(images=x, forced_actions=actions.astype(np.int32))
+            if not self.forced:
+                runner(images=x)
+                return
+            runner(images=x, forced_actions=actions.astype(np.int32))
 
         return plain, run_rnp
 
@@ -287,6 +330,78 @@ def benchmark_model(name, batches, runtimes, groups, repeats, seed):
     return rows
 
 
+def benchmark_policy(path, batches, runtimes, repeats):
+    """A trained RNP model under its learned policy on real images.
+
+    Each timed run serves the first `--policy_images` images of the split,
+    batch after batch (a last partial batch is dropped), once through the
+    model's full-width network and once through the RNP model; the
+    decisions are the model's own (budget 0). The FLOPs speed-up is the
+    full network's FLOPs over the mean FLOPs the policy executed on those
+    images (decision network included).
+    """
+    rnp = keras.saving.load_model(path)
+    if not isinstance(rnp, keras_rnp.RNPModel):
+        raise app.UsageError(
+            "--policy_model expects a saved keras_rnp.RNPModel. Received: "
+            f"{path}, a {type(rnp).__name__}."
+        )
+    backbone = keras_rnp.strip(rnp)
+    images, _ = load_split(FLAGS.dataset, FLAGS.split, FLAGS.data_dir)
+    images = images[: FLAGS.policy_images]
+    name = os.path.splitext(os.path.basename(path))[0]
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        factory = Runtimes(rnp, workdir, forced=False)
+        for runtime in runtimes:
+            print(f"[{name}] preparing {runtime}...", flush=True)
+            plain, run_rnp = getattr(factory, runtime)()
+            run_plain = plain(backbone)
+            for batch in batches:
+                count = len(images) // batch * batch
+                if count == 0:
+                    raise app.UsageError(
+                        f"--policy_images expects at least one batch of "
+                        f"{batch}. Received: {len(images)} images."
+                    )
+                split = np.split(images[:count], count // batch)
+                outputs = rnp.run(images[:count])
+                flops = float(outputs["flops"].numpy().mean())
+                actions = outputs["actions"].numpy()
+
+                def serve_plain(split=split, run=run_plain):
+                    for x in split:
+                        run(x)
+
+                def serve_rnp(split=split, run=run_rnp):
+                    for x in split:
+                        run(x, None)
+
+                times = median_times([serve_plain, serve_rnp], repeats)
+                row = {
+                    "model": name,
+                    "runtime": runtime,
+                    "batch": batch,
+                    "actions": "policy",
+                    # Per batch, as in the forced rows.
+                    "plain_seconds": times[0] / len(split),
+                    "rnp_seconds": times[1] / len(split),
+                    "flops_speedup": rnp.full_flops / flops,
+                    "time_speedup": times[0] / times[1],
+                    "static_seconds": None,
+                    "static_time_speedup": None,
+                    "images": count,
+                    "mean_actions": actions.mean(axis=0).tolist(),
+                    "flops_ratio_spread": float(
+                        outputs["flops"].numpy().std() / rnp.full_flops
+                    ),
+                }
+                row["efficiency"] = row["time_speedup"] / row["flops_speedup"]
+                rows.append(row)
+                print(format_row(row), flush=True)
+    return rows
+
+
 def format_row(row):
     static = "-"
     if row["static_seconds"] is not None:
@@ -336,6 +451,11 @@ def main(argv):
             FLAGS.seed,
         )
         write_results(rows)  # After each model: a crash keeps what ran.
+    if FLAGS.policy_model:
+        rows += benchmark_policy(
+            FLAGS.policy_model, batches, FLAGS.runtimes, FLAGS.repeats
+        )
+        write_results(rows)
     print()
     print(HEADER)
     for row in rows:
@@ -352,6 +472,11 @@ def write_results(rows):
         "repeats",
         "seed",
         "ort_rnp_level",
+        "policy_model",
+        "data_dir",
+        "dataset",
+        "split",
+        "policy_images",
     ]
     result = {
         "machine": {
