@@ -55,7 +55,12 @@ from keras_rnp.data_utils import load_split  # noqa: E402
 from keras_rnp.static_pruning import l1_prune  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["cifar4", "vgg16"], "Networks to time.")
+flags.DEFINE_list(
+    "models",
+    ["cifar4", "vgg16"],
+    "Networks to time (random weights); --models= for none, with "
+    "--policy_model.",
+)
 flags.DEFINE_list("batches", ["1", "64"], "Batch sizes.")
 flags.DEFINE_list(
     "runtimes",
@@ -77,13 +82,16 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "data_dir",
     None,
-    "The policy model's images: an ImageFolder directory, or tfds' data "
-    "directory for --dataset.",
+    "The policy model's images (with --policy_model): an ImageFolder "
+    "directory, or tfds' data directory for --dataset.",
 )
 flags.DEFINE_string("dataset", "cifar10", "tfds dataset of the images.")
 flags.DEFINE_string("split", "test", "Split of the images.")
 flags.DEFINE_integer(
-    "policy_images", 256, "Images the policy model is timed on (each run)."
+    "policy_images",
+    256,
+    "Images the policy model is timed on (each run).",
+    lower_bound=1,
 )
 flags.DEFINE_enum(
     "ort_rnp_level",
@@ -129,7 +137,8 @@ class Runtimes:
     `run(images)` in that runtime, and the RNP model's `run(images,
     actions)` there: the forced-actions signature or file of each export,
     or with `forced=False` the default one, where the learned policy
-    decides (`actions` is then ignored)."""
+    decides (`actions` is then ignored, and the call returns the actions
+    and FLOPs the runtime computed, as arrays)."""
 
     def __init__(self, rnp, workdir, forced=True):
         self.rnp, self.workdir, self.forced = rnp, workdir, forced
@@ -144,7 +153,8 @@ class Runtimes:
             return lambda x: function(x).numpy()
 
         def run_rnp(x, actions):
-            actions = actions if self.forced else None
+            if not self.forced:
+                return decisions(self.rnp.run(x))
             self.rnp.run(x, actions=actions)["logits"].numpy()
 
         return plain, run_rnp
@@ -166,8 +176,7 @@ class Runtimes:
 
         def run_rnp(x, actions):
             if not self.forced:
-                default(images=tf.constant(x))["logits"].numpy()
-                return
+                return decisions(default(images=tf.constant(x)))
             out = forced(
                 images=tf.constant(x),
                 forced_actions=tf.constant(actions, tf.int32),
@@ -192,13 +201,9 @@ class Runtimes:
                 lambda images: model(images, training=False),
                 input_signature=[spec],
             )
-            concrete = function.get_concrete_function()
-            with export_lib._tf2onnx_optimizer_without_copies():
-                proto, weights = export_lib._convert_with_weights_as_inputs(
-                    concrete, 17
-                )
-            # Captured constants (a Normalization layer's mean) too.
-            export_lib._inline_captured_constants(proto, concrete, 1)
+            proto, weights = export_lib.function_to_onnx(
+                function.get_concrete_function(), 17, 1
+            )
             onnx_file.write(proto, weights, path)
             session = ort.InferenceSession(
                 path, options, providers=["CPUExecutionProvider"]
@@ -223,8 +228,9 @@ class Runtimes:
         def run_rnp(x, actions):
             if not self.forced:  # Budget 0: the learned policy.
                 budget = np.zeros([1], np.float32)
-                session.run(["logits"], {"images": x, "budget": budget})
-                return
+                names = ["logits", "actions", "flops"]
+                out = session.run(names, {"images": x, "budget": budget})
+                return decisions(dict(zip(names, out, strict=True)))
             session.run(
                 ["logits"],
                 {"images": x, "forced_actions": actions.astype(np.int32)},
@@ -254,11 +260,17 @@ class Runtimes:
 
         def run_rnp(x, actions):
             if not self.forced:
-                runner(images=x)
-                return
+                return decisions(runner(images=x))
             runner(images=x, forced_actions=actions.astype(np.int32))
 
         return plain, run_rnp
+
+
+def decisions(outputs):
+    """The actions and FLOPs of a policy call's outputs, as arrays (the
+    logits too are read, so that every runtime hands them over)."""
+    np.asarray(outputs["logits"])
+    return np.asarray(outputs["actions"]), np.asarray(outputs["flops"])
 
 
 def same_widths(backbone, rnp, a):
@@ -267,6 +279,29 @@ def same_widths(backbone, rnp, a):
     not depend on which filters). What a network of those widths costs in
     a runtime, without RNP's decisions and run-time slices."""
     return l1_prune(backbone, keep=a / rnp.groups, prune_first=rnp.gate_first)
+
+
+def make_row(model, runtime, batch, label, times, full_flops, flops):
+    """A result row: `times` are the plain model's, the RNP model's and
+    (uniform actions below the full width only) the static network's of
+    the same widths; `flops` the RNP model's per image."""
+    row = {
+        "model": model,
+        "runtime": runtime,
+        "batch": batch,
+        "actions": label,
+        "plain_seconds": times[0],
+        "rnp_seconds": times[1],
+        "flops_speedup": full_flops / float(np.mean(flops)),
+        "time_speedup": times[0] / times[1],
+        "static_seconds": None,
+        "static_time_speedup": None,
+    }
+    row["efficiency"] = row["time_speedup"] / row["flops_speedup"]
+    if len(times) > 2:
+        row["static_seconds"] = times[2]
+        row["static_time_speedup"] = times[0] / times[2]
+    return row
 
 
 def benchmark_model(name, batches, runtimes, groups, repeats, seed):
@@ -305,40 +340,31 @@ def benchmark_model(name, batches, runtimes, groups, repeats, seed):
                     if run_static is not None:
                         functions.append(lambda x=x, run=run_static: run(x))
                     times = median_times(functions, repeats)
-                    row = {
-                        "model": name,
-                        "runtime": runtime,
-                        "batch": batch,
-                        "actions": label,
-                        "plain_seconds": times[0],
-                        "rnp_seconds": times[1],
-                        "flops_speedup": rnp.full_flops / float(flops.mean()),
-                        "time_speedup": times[0] / times[1],
-                        # The same widths as a static network (uniform
-                        # actions below the full width only).
-                        "static_seconds": None,
-                        "static_time_speedup": None,
-                    }
-                    row["efficiency"] = (
-                        row["time_speedup"] / row["flops_speedup"]
+                    row = make_row(
+                        name,
+                        runtime,
+                        batch,
+                        label,
+                        times,
+                        rnp.full_flops,
+                        flops,
                     )
-                    if run_static is not None:
-                        row["static_seconds"] = times[2]
-                        row["static_time_speedup"] = times[0] / times[2]
                     rows.append(row)
                     print(format_row(row), flush=True)
     return rows
 
 
-def benchmark_policy(path, batches, runtimes, repeats):
+def benchmark_policy(path, batches, runtimes, repeats, on_rows):
     """A trained RNP model under its learned policy on real images.
 
     Each timed run serves the first `--policy_images` images of the split,
     batch after batch (a last partial batch is dropped), once through the
     model's full-width network and once through the RNP model; the
     decisions are the model's own (budget 0). The FLOPs speed-up is the
-    full network's FLOPs over the mean FLOPs the policy executed on those
-    images (decision network included).
+    full network's FLOPs over the mean FLOPs the runtime reported for
+    those images (decision network included), from an untimed pass; the
+    row also says how many of the runtime's actions match Keras'.
+    `on_rows(rows)` is called after each runtime.
     """
     rnp = keras.saving.load_model(path)
     if not isinstance(rnp, keras_rnp.RNPModel):
@@ -348,7 +374,18 @@ def benchmark_policy(path, batches, runtimes, repeats):
         )
     backbone = keras_rnp.strip(rnp)
     images, _ = load_split(FLAGS.dataset, FLAGS.split, FLAGS.data_dir)
+    if images.shape[1:] != tuple(rnp.image_shape):
+        raise app.UsageError(
+            f"--policy_model expects images of shape {rnp.image_shape}. "
+            f"Received: {images.shape[1:]} from {FLAGS.dataset} "
+            f"({FLAGS.data_dir or 'tfds'})."
+        )
     images = images[: FLAGS.policy_images]
+    if len(images) < max(batches):
+        raise app.UsageError(
+            f"--policy_images expects at least one batch of {max(batches)} "
+            f"images. Received: {len(images)} images."
+        )
     name = os.path.splitext(os.path.basename(path))[0]
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
@@ -359,15 +396,11 @@ def benchmark_policy(path, batches, runtimes, repeats):
             run_plain = plain(backbone)
             for batch in batches:
                 count = len(images) // batch * batch
-                if count == 0:
-                    raise app.UsageError(
-                        f"--policy_images expects at least one batch of "
-                        f"{batch}. Received: {len(images)} images."
-                    )
                 split = np.split(images[:count], count // batch)
-                outputs = rnp.run(images[:count])
-                flops = float(outputs["flops"].numpy().mean())
-                actions = outputs["actions"].numpy()
+                keras_actions = rnp.run(images[:count])["actions"].numpy()
+                taken = [run_rnp(x, None) for x in split]
+                actions = np.concatenate([a for a, _ in taken])
+                flops = np.concatenate([f for _, f in taken])
 
                 def serve_plain(split=split, run=run_plain):
                     for x in split:
@@ -378,27 +411,22 @@ def benchmark_policy(path, batches, runtimes, repeats):
                         run(x, None)
 
                 times = median_times([serve_plain, serve_rnp], repeats)
-                row = {
-                    "model": name,
-                    "runtime": runtime,
-                    "batch": batch,
-                    "actions": "policy",
-                    # Per batch, as in the forced rows.
-                    "plain_seconds": times[0] / len(split),
-                    "rnp_seconds": times[1] / len(split),
-                    "flops_speedup": rnp.full_flops / flops,
-                    "time_speedup": times[0] / times[1],
-                    "static_seconds": None,
-                    "static_time_speedup": None,
-                    "images": count,
-                    "mean_actions": actions.mean(axis=0).tolist(),
-                    "flops_ratio_spread": float(
-                        outputs["flops"].numpy().std() / rnp.full_flops
+                # Per batch, as in the forced rows.
+                times = [t / len(split) for t in times]
+                row = make_row(
+                    name, runtime, batch, "policy", times, rnp.full_flops, flops
+                )
+                row.update(
+                    images=count,
+                    mean_actions=actions.mean(axis=0).tolist(),
+                    flops_ratio_spread=float(flops.std() / rnp.full_flops),
+                    actions_as_keras=float(
+                        np.mean(np.all(actions == keras_actions, axis=1))
                     ),
-                }
-                row["efficiency"] = row["time_speedup"] / row["flops_speedup"]
+                )
                 rows.append(row)
                 print(format_row(row), flush=True)
+            on_rows(rows)
     return rows
 
 
@@ -410,7 +438,7 @@ def format_row(row):
             f"({row['static_time_speedup']:.2f}x)"
         )
     return (
-        f"{row['model']:<7} {row['runtime']:<12} {row['batch']:>5} "
+        f"{row['model']:<9} {row['runtime']:<12} {row['batch']:>5} "
         f"{row['actions']:<6} {row['plain_seconds'] * 1e3:>10.2f} "
         f"{row['rnp_seconds'] * 1e3:>10.2f} {row['flops_speedup']:>7.2f}x "
         f"{row['time_speedup']:>7.2f}x {row['efficiency']:>6.2f} "
@@ -419,7 +447,7 @@ def format_row(row):
 
 
 HEADER = (
-    f"{'model':<7} {'runtime':<12} {'batch':>5} {'acts':<6} "
+    f"{'model':<9} {'runtime':<12} {'batch':>5} {'acts':<6} "
     f"{'plain ms':>10} {'rnp ms':>10} {'FLOPs':>8} {'time':>8} {'eff':>6} "
     f"{'static same widths':>18}"
 )
@@ -436,9 +464,11 @@ def main(argv):
     try:
         batches = [int(b) for b in FLAGS.batches]
     except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
         raise app.UsageError(
-            f"--batches expects integers. Received: {FLAGS.batches}"
-        ) from None
+            f"--batches expects positive integers. Received: {FLAGS.batches}"
+        )
     print(HEADER)
     rows = []
     for name in FLAGS.models:
@@ -452,10 +482,14 @@ def main(argv):
         )
         write_results(rows)  # After each model: a crash keeps what ran.
     if FLAGS.policy_model:
+        done = list(rows)
         rows += benchmark_policy(
-            FLAGS.policy_model, batches, FLAGS.runtimes, FLAGS.repeats
+            FLAGS.policy_model,
+            batches,
+            FLAGS.runtimes,
+            FLAGS.repeats,
+            on_rows=lambda policy_rows: write_results(done + policy_rows),
         )
-        write_results(rows)
     print()
     print(HEADER)
     for row in rows:

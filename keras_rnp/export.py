@@ -289,9 +289,7 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
     function, signature = _signatures(rnp, execution.SLICED_ONNX)[name]
     function = tf.function(function, input_signature=signature)
     concrete = function.get_concrete_function()
-    with _tf2onnx_optimizer_without_copies():
-        model_proto, weights = _convert_with_weights_as_inputs(concrete, opset)
-    _inline_captured_constants(model_proto, concrete, len(signature))
+    model_proto, weights = function_to_onnx(concrete, opset, len(signature))
     _name_inputs(model_proto, [spec.name for spec in signature])
     _share_branch_initializers(model_proto, reserved=weights)
     second = FORCED_ACTIONS_DOC if forced_actions else budget_doc(rnp)
@@ -324,9 +322,11 @@ def export_litert(rnp, path, overwrite=True, forced_actions=False):
     The graph is the ONNX export's block graph without its branch for
     uniform batches (`execution.SLICED_BLOCKS`): each gated kernel stored
     once as constant blocks (a Flatten head's first dense kernel as one
-    constant per channel group: see `GatedHead.rows_by_group`), each block
-    run on the images that need it, no control flow, LiteRT's builtin
-    operators only (no Flex delegate). Like
+    constant per channel group: see `GatedHead.rows_by_group`; another
+    kernel above about 128 MiB would stay one constant, sliced at run time:
+    not tested), each block run on the images that
+    need it, no control flow, LiteRT's builtin operators only (no Flex
+    delegate). Like
     ONNX it cannot raise errors: a negative or non-finite budget counts as
     0 and forced actions are clipped. XNNPACK refuses an
     empty batch. The write is atomic.
@@ -448,6 +448,25 @@ def check_opset(opset):
 # Constants at least this large (elements) leave tf2onnx's hands (see
 # `_convert_with_weights_as_inputs`).
 _LIFTED_SIZE = 1024
+
+
+def function_to_onnx(concrete, opset, inputs):
+    """A concrete function converted to ONNX as `export_onnx` converts (for
+    plain Keras models too: `benchmarks/speed.py`).
+
+    Args:
+        concrete: the `tf.function`'s concrete function.
+        opset: the ONNX opset.
+        inputs: how many inputs the function's signature has.
+
+    Returns:
+        The `onnx.ModelProto` without its weights and `{initializer name:
+        value}`, for `onnx_file.write`.
+    """
+    with _tf2onnx_optimizer_without_copies():
+        model_proto, weights = _convert_with_weights_as_inputs(concrete, opset)
+    _inline_captured_constants(model_proto, concrete, inputs)
+    return model_proto, weights
 
 
 def _convert_with_weights_as_inputs(concrete, opset):

@@ -88,10 +88,10 @@ class GatedHead(keras.layers.Layer):
         With `split`, the copy is one variable per group instead, which
         `call_blocks` reads (`export_litert`): frozen, each is a constant
         of its own that a fully connected operator reads whole. The LiteRT
-        converter does not fold a slice of a constant above 128 MiB, such
-        as VGG-16's 411 MB kernel; XNNPACK then ran a batch matmul on the
-        slice, which refuses zero rows, and the file failed at batch 1 on
-        its first narrow call.
+        converter left a slice of a large constant unfolded (VGG-16's 411
+        MB kernel; 98 MiB was folded, 137 MiB not: its limit is likely 128
+        MiB); XNNPACK then ran a batch matmul on the slice, which refuses
+        zero rows, and the file failed at batch 1 on its first narrow call.
 
         Args:
             groups: the last gated unit's channel groups.
@@ -124,8 +124,9 @@ class GatedHead(keras.layers.Layer):
         else:
             kernel = kernel.reshape(-1, dense.units)
             variable = tf.Variable(kernel, trainable=False, name=name)
+        del kernel  # (VGG-16's: 411 MB, held by the variables now.)
         token = _ROWS_BY_GROUP.set(
-            {**(_ROWS_BY_GROUP.get() or {}), id(self): (variable, size)}
+            {**(_ROWS_BY_GROUP.get() or {}), id(self): (variable, size, split)}
         )
         try:
             yield variable
@@ -135,10 +136,12 @@ class GatedHead(keras.layers.Layer):
     def _rows_copy(self, split):
         """`(copy, group size)` made by `rows_by_group(groups, split)` for
         this head in this context, or None."""
-        copy = (_ROWS_BY_GROUP.get() or {}).get(id(self))
-        if copy is None or isinstance(copy[0], list) != split:
+        copy, size, copy_split = (_ROWS_BY_GROUP.get() or {}).get(
+            id(self), (None, None, None)
+        )
+        if copy is None or copy_split != split:
             return None
-        return copy
+        return copy, size
 
     def call_sliced(self, y, active):
         """The head on the last unit's `active` computed channels.
@@ -211,8 +214,12 @@ class GatedHead(keras.layers.Layer):
         blocks = None
         if isinstance(reducer, _L.Flatten):
             height, width = groups[0].shape[1:3]
-            kernel = tf.reshape(kernel, [height, width, self.in_channels, -1])
-            blocks = (self._rows_copy(split=True) or (None,))[0]
+            copy = self._rows_copy(split=True)
+            if copy is not None and len(copy[0]) == k:
+                blocks = copy[0]
+            else:
+                shape = [height, width, self.in_channels, -1]
+                kernel = tf.reshape(kernel, shape)
         # Summed in float32 (onnxruntime's CPU ScatterND cannot add
         # float16).
         y = tf.zeros(tf.stack([batch, dense.units]), tf.float32)
