@@ -363,8 +363,11 @@ def benchmark_policy(path, batches, runtimes, repeats, on_rows):
     decisions are the model's own (budget 0). The FLOPs speed-up is the
     full network's FLOPs over the mean FLOPs the runtime reported for
     those images (decision network included), from an untimed pass; the
-    row also says how many of the runtime's actions match Keras'.
-    `on_rows(rows)` is called after each runtime.
+    row also says how many of the runtime's actions match Keras'. In the
+    same loop, the forced-actions export runs the same images with the
+    actions the policy took (`forced_seconds`): the same sliced work
+    without the decision network, so the two differ by what deciding
+    costs. `on_rows(rows)` is called after each runtime.
     """
     rnp = keras.saving.load_model(path)
     if not isinstance(rnp, keras_rnp.RNPModel):
@@ -389,10 +392,13 @@ def benchmark_policy(path, batches, runtimes, repeats, on_rows):
     name = os.path.splitext(os.path.basename(path))[0]
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
+        os.makedirs(os.path.join(workdir, "forced"))
         factory = Runtimes(rnp, workdir, forced=False)
+        forced_factory = Runtimes(rnp, os.path.join(workdir, "forced"))
         for runtime in runtimes:
             print(f"[{name}] preparing {runtime}...", flush=True)
             plain, run_rnp = getattr(factory, runtime)()
+            _, run_forced = getattr(forced_factory, runtime)()
             run_plain = plain(backbone)
             for batch in batches:
                 count = len(images) // batch * batch
@@ -410,13 +416,31 @@ def benchmark_policy(path, batches, runtimes, repeats, on_rows):
                     for x in split:
                         run(x, None)
 
-                times = median_times([serve_plain, serve_rnp], repeats)
+                actions_split = np.split(actions, len(split))
+
+                def serve_forced(
+                    split=split, run=run_forced, taken=actions_split
+                ):
+                    for x, a in zip(split, taken, strict=True):
+                        run(x, a)
+
+                times = median_times(
+                    [serve_plain, serve_rnp, serve_forced], repeats
+                )
                 # Per batch, as in the forced rows.
                 times = [t / len(split) for t in times]
                 row = make_row(
-                    name, runtime, batch, "policy", times, rnp.full_flops, flops
+                    name,
+                    runtime,
+                    batch,
+                    "policy",
+                    times[:2],
+                    rnp.full_flops,
+                    flops,
                 )
                 row.update(
+                    forced_seconds=times[2],
+                    forced_time_speedup=times[0] / times[2],
                     images=count,
                     mean_actions=actions.mean(axis=0).tolist(),
                     flops_ratio_spread=float(flops.std() / rnp.full_flops),
@@ -432,7 +456,12 @@ def benchmark_policy(path, batches, runtimes, repeats, on_rows):
 
 def format_row(row):
     static = "-"
-    if row["static_seconds"] is not None:
+    if row.get("forced_seconds") is not None:  # A policy row.
+        static = (
+            f"forced {row['forced_seconds'] * 1e3:.2f} "
+            f"({row['forced_time_speedup']:.2f}x)"
+        )
+    elif row["static_seconds"] is not None:
         static = (
             f"{row['static_seconds'] * 1e3:.2f} "
             f"({row['static_time_speedup']:.2f}x)"
@@ -449,7 +478,7 @@ def format_row(row):
 HEADER = (
     f"{'model':<9} {'runtime':<12} {'batch':>5} {'acts':<6} "
     f"{'plain ms':>10} {'rnp ms':>10} {'FLOPs':>8} {'time':>8} {'eff':>6} "
-    f"{'static same widths':>18}"
+    f"{'static, or forced':>18}"
 )
 
 
