@@ -84,6 +84,9 @@ def test_a_torn_newest_backup_falls_back_to_the_previous(tmp_path, torn):
     assert int(model.step_counter.numpy()) == 4 * 3
 
 
+# Slow (15 s): the default run keeps to 15 minutes; the torn-backup test's
+# default case reads past a torn backup there.
+@pytest.mark.slow
 def test_no_readable_backup_starts_over_and_finishes(tmp_path):
     backup = str(tmp_path / "backup")
     run(backup, epochs=2)
@@ -100,6 +103,9 @@ def test_no_readable_backup_starts_over_and_finishes(tmp_path):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
 
 
+# Slow (21 s): the default run keeps to 15 minutes; test_resume's
+# every-piece-of-state test covers what a resumed run restores there.
+@pytest.mark.slow
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
     backup = str(tmp_path / "backup")
     run(backup, epochs=2)
@@ -203,6 +209,9 @@ def test_select_on_validation_without_validation_logs_keeps_the_last():
         keras_rnp.callbacks.SelectOnValidation(max_flops_ratio=0)
 
 
+# Slow (12 s): the default run keeps to 15 minutes; test_resume covers
+# resuming from backups there.
+@pytest.mark.slow
 def test_a_second_fit_without_backups_starts_at_its_initial_epoch(tmp_path):
     run(str(tmp_path / "first"), epochs=2)
     model, begin, _ = run(str(tmp_path / "first"), epochs=3)

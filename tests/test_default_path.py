@@ -213,6 +213,9 @@ def test_the_exports_say_how_the_path_enters_the_decisions():
     ) in export_lib.budget_doc(rnp)
 
 
+# Slow (17 s): the default run keeps to 15 minutes; the other default-path
+# tests cover run() and the exports under a new path there.
+@pytest.mark.slow
 def test_keras_functions_made_before_a_new_path_follow_it():
     rnp = _rnp()
     rnp.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")

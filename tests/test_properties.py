@@ -5,6 +5,7 @@ import math
 import hypothesis.strategies as st
 import keras
 import numpy as np
+import pytest
 from helpers import onnx_outputs
 from helpers import onnx_session
 from helpers import randomize_batch_norm
@@ -141,6 +142,9 @@ def test_random_chains_are_exact_and_zero_what_they_skip(spec, data):
         assert np.all(values[skipped] == 0.0)
 
 
+# Slow (13 s): the default run keeps to 15 minutes; test_export's parity
+# tests cover ONNX on chains there.
+@pytest.mark.slow
 @settings(max_examples=3, **SETTINGS)
 @given(spec=chain_cnns(), data=st.data())
 def test_random_chains_export_to_onnx_with_parity(spec, data, tmp_path_factory):

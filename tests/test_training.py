@@ -315,12 +315,12 @@ def test_wrap_docstring_example_trains_its_decision_network():
 
 
 def test_fit_warns_when_a_phase_never_runs():
-    # 3 epochs of 2 steps with the default 100 + 100: decision steps only.
+    # 1 epoch of 2 steps with the default 100 + 100: decision steps only.
     x, y = data(16)
     rnp = keras_rnp.wrap(small_cnn(), groups=4, seed=0)
     rnp.compile()
     with pytest.warns(UserWarning, match="backbone was not fine-tuned"):
-        rnp.fit(x, y, batch_size=8, epochs=3, verbose=0)
+        rnp.fit(x, y, batch_size=8, epochs=1, verbose=0)
     # Both phases run: no warning.
     rnp = keras_rnp.wrap(
         small_cnn(), groups=4, decision_steps=1, backbone_steps=1, seed=0
