@@ -324,12 +324,11 @@ def export_litert(rnp, path, overwrite=True, forced_actions=False):
     once as constant blocks (a Flatten head's first dense kernel as one
     constant per channel group: see `GatedHead.rows_by_group`; another
     kernel above about 128 MiB would stay one constant, sliced at run time:
-    not tested), each block run on the images that
-    need it, no control flow, LiteRT's builtin operators only (no Flex
-    delegate). Like
-    ONNX it cannot raise errors: a negative or non-finite budget counts as
-    0 and forced actions are clipped. XNNPACK refuses an
-    empty batch. The write is atomic.
+    not tested), each block run on the images that need it, no control
+    flow, LiteRT's builtin operators only (no Flex delegate). Like ONNX it
+    cannot raise errors: a negative or non-finite budget counts as 0 and
+    forced actions are clipped. XNNPACK refuses an empty batch. The write
+    is atomic.
 
     Args:
         rnp: the `keras_rnp.RNPModel` (float32: under a mixed precision
