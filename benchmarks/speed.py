@@ -389,6 +389,9 @@ def benchmark_policy(path, batches, runtimes, repeats, on_rows):
             f"--policy_images expects at least one batch of {max(batches)} "
             f"images. Received: {len(images)} images."
         )
+    # Keras' decisions, to compare each runtime's with (once, not per
+    # runtime and batch size).
+    keras_actions = rnp.run(images)["actions"].numpy()
     name = os.path.splitext(os.path.basename(path))[0]
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
@@ -403,7 +406,6 @@ def benchmark_policy(path, batches, runtimes, repeats, on_rows):
             for batch in batches:
                 count = len(images) // batch * batch
                 split = np.split(images[:count], count // batch)
-                keras_actions = rnp.run(images[:count])["actions"].numpy()
                 taken = [run_rnp(x, None) for x in split]
                 actions = np.concatenate([a for a, _ in taken])
                 flops = np.concatenate([f for _, f in taken])
@@ -445,7 +447,9 @@ def benchmark_policy(path, batches, runtimes, repeats, on_rows):
                     mean_actions=actions.mean(axis=0).tolist(),
                     flops_ratio_spread=float(flops.std() / rnp.full_flops),
                     actions_as_keras=float(
-                        np.mean(np.all(actions == keras_actions, axis=1))
+                        np.mean(
+                            np.all(actions == keras_actions[:count], axis=1)
+                        )
                     ),
                 )
                 rows.append(row)
