@@ -65,7 +65,8 @@ flags.DEFINE_list("batches", ["1", "64"], "Batch sizes.")
 flags.DEFINE_list(
     "runtimes",
     ["keras", "saved_model", "onnx", "litert"],
-    "Runtimes to time.",
+    "Runtimes to time: keras, saved_model, onnx, litert (export_litert's "
+    "default layout: prefixes for a chain), litert_blocks (layout=blocks).",
 )
 flags.DEFINE_integer("groups", 4, "Channel groups per gated layer.")
 flags.DEFINE_integer("repeats", 5, "Timed runs per setting (median).")
@@ -238,7 +239,7 @@ class Runtimes:
 
         return plain, run_rnp
 
-    def litert(self):
+    def litert(self, layout=None):
         from ai_edge_litert.interpreter import Interpreter
 
         def plain(model):
@@ -254,7 +255,9 @@ class Runtimes:
             return lambda x: runner(**{name: x})
 
         path = os.path.join(self.workdir, "rnp.tflite")
-        keras_rnp.export_litert(self.rnp, path, forced_actions=self.forced)
+        keras_rnp.export_litert(
+            self.rnp, path, forced_actions=self.forced, layout=layout
+        )
         name = "serving_actions" if self.forced else "serving_default"
         runner = Interpreter(model_path=path).get_signature_runner(name)
 
@@ -264,6 +267,13 @@ class Runtimes:
             runner(images=x, forced_actions=actions.astype(np.int32))
 
         return plain, run_rnp
+
+    def litert_blocks(self):
+        """LiteRT with `layout="blocks"`: each weight stored once."""
+        return self.litert("blocks")
+
+
+RUNTIMES = ("keras", "saved_model", "onnx", "litert", "litert_blocks")
 
 
 def decisions(outputs):
@@ -492,6 +502,12 @@ def main(argv):
     if unknown:
         raise app.UsageError(
             f"--models expects some of {sorted(MODELS)}. Received: "
+            f"{sorted(unknown)}"
+        )
+    unknown = set(FLAGS.runtimes) - set(RUNTIMES)
+    if unknown:
+        raise app.UsageError(
+            f"--runtimes expects some of {list(RUNTIMES)}. Received: "
             f"{sorted(unknown)}"
         )
     try:

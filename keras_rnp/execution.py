@@ -15,6 +15,15 @@
   the images whose actions include it, gathered and added back in place
   (`GatedConv2D.call_blocks`, `GatedHead.call_blocks`). Every weight is
   stored once.
+- `SLICED_PREFIXES` (LiteRT's default for a chain: no control flow,
+  weights constant, but each image computed once): at each gated unit,
+  every (input width, action) pair runs one convolution on its kernel
+  prefix over the images that took it (none, mostly: at batch 1 one
+  pair has the image), and the results are merged back in order. The
+  prefixes are constants of their own, a convolution's weights stored
+  `((k + 1) / 2)^2` times; about twice the speed of the blocks in
+  LiteRT (`BENCHMARKS.md`). A residual block runs its blocks (XNNPACK
+  refused a block's chain of prefixes on an action no image took).
 - `SLICED_ONNX` (inference for tf2onnx and onnxruntime, whose fast
   convolutions need constant weights: a kernel sliced at run time ran 8.3x
   slower at batch 1, `benchmarks/onnx_weights.py`): a batch whose images
@@ -44,8 +53,9 @@ MASKED = "masked"
 SLICED = "sliced"
 SLICED_BLOCKS = "sliced_blocks"
 SLICED_ONNX = "sliced_onnx"
-MODES = (MASKED, SLICED, SLICED_BLOCKS, SLICED_ONNX)
-BLOCK_MODES = (SLICED_BLOCKS, SLICED_ONNX)
+SLICED_PREFIXES = "sliced_prefixes"
+MODES = (MASKED, SLICED, SLICED_BLOCKS, SLICED_ONNX, SLICED_PREFIXES)
+BLOCK_MODES = (SLICED_BLOCKS, SLICED_ONNX, SLICED_PREFIXES)
 
 
 def forward(
@@ -132,7 +142,7 @@ def _forward_residual(plan, decide, images, mode, training):
         action = decide(x)
         if mode == MASKED:
             y = block.call_masked(x, action, training=training)
-        elif mode in BLOCK_MODES:
+        elif mode in BLOCK_MODES:  # SLICED_PREFIXES too: see the top.
             y = block.call_blocks(x, action, uniform_branch=mode == SLICED_ONNX)
         else:
             y = _by_group(
@@ -161,6 +171,13 @@ def _forward_chain(plan, decide, images, mode, training):
             x = unit.call_masked(
                 x, action, previous_action=previous, training=training
             )
+        elif mode == SLICED_PREFIXES:
+            x = unit.call_blocks(
+                x, action, previous_action=previous, by_prefix=True
+            )
+            if t == last:
+                groups = tf.split(x, unit.groups, axis=-1)
+                x = plan.head.call_blocks(groups, action)
         elif mode in BLOCK_MODES:
             groups = unit.call_blocks(
                 x,

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from keras_rnp import execution
 from keras_rnp.io_utils import atomic_path
+from keras_rnp.residual_planner import ResidualPlan
 from keras_rnp.rnp_model import RNPModel
 
 _TINY = 1e-30
@@ -32,8 +33,9 @@ def _signatures(rnp, mode=execution.SLICED):
     """The exported functions: `{name: (function, input_signature)}`.
 
     `mode` is `execution.SLICED` for a SavedModel (checks that raise, empty
-    batches skipped with `tf.cond`), `execution.SLICED_ONNX` or
-    `SLICED_BLOCKS` (no errors, which ONNX and LiteRT cannot express).
+    batches skipped with `tf.cond`), `execution.SLICED_ONNX`,
+    `SLICED_BLOCKS` or `SLICED_PREFIXES` (no errors, which ONNX and LiteRT
+    cannot express).
 
     - `serving_default(images)`: greedy decisions.
     - `serving_budget(images, budget)`: decisions under a budget.
@@ -307,7 +309,7 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
     return os.fspath(path)
 
 
-def export_litert(rnp, path, overwrite=True, forced_actions=False):
+def export_litert(rnp, path, overwrite=True, forced_actions=False, layout=None):
     """Exports an RNPModel to LiteRT (TensorFlow Lite, a `.tflite` file).
 
     Signatures as the SavedModel's: `serving_default` (input `images`
@@ -319,16 +321,27 @@ def export_litert(rnp, path, overwrite=True, forced_actions=False):
     tests. Run it with `ai_edge_litert.interpreter.Interpreter` (XNNPACK
     is on by default) through `get_signature_runner(name)`.
 
-    The graph is the ONNX export's block graph without its branch for
-    uniform batches (`execution.SLICED_BLOCKS`): each gated kernel stored
-    once as constant blocks (a Flatten head's first dense kernel as one
-    constant per channel group: see `GatedHead.rows_by_group`; another
-    kernel above about 128 MiB would stay one constant, sliced at run time:
-    not tested), each block run on the images that need it, no control
-    flow, LiteRT's builtin operators only (no Flex delegate). Like ONNX it
-    cannot raise errors: a negative or non-finite budget counts as 0 and
-    forced actions are clipped. XNNPACK refuses an empty batch. The write
-    is atomic.
+    The graph has no control flow (XNNPACK does not run the subgraphs of
+    LiteRT's `IF`) and LiteRT's builtin operators only (no Flex delegate).
+    Each gated convolution of a chain runs in one of two layouts:
+
+    - `"prefixes"` (a chain's default, `execution.SLICED_PREFIXES`): every
+      image runs once, as one convolution on the kernel prefix of its
+      (input width, action) pair, every pair on the images that took it
+      (none, mostly). The prefixes are constants of their own: a
+      convolution's weights are stored `((k + 1) / 2)^2` times (6.25 at
+      `k = 4`; a Flatten head's first dense kernel once).
+    - `"blocks"` (`execution.SLICED_BLOCKS`; residual networks always):
+      each kernel stored once, as `k x k` blocks, each block run on the
+      images whose actions need it and added back in place. About half
+      the speed of the prefixes (`BENCHMARKS.md`).
+
+    A Flatten head's first dense kernel is one constant per channel group
+    (see `GatedHead.rows_by_group`; another kernel above about 128 MiB
+    would stay one constant, sliced at run time: not tested). Like ONNX
+    the file cannot raise errors: a negative or non-finite budget counts
+    as 0 and forced actions are clipped. XNNPACK refuses an empty batch.
+    The write is atomic.
 
     Args:
         rnp: the `keras_rnp.RNPModel` (float32: under a mixed precision
@@ -336,6 +349,8 @@ def export_litert(rnp, path, overwrite=True, forced_actions=False):
         path: the `.tflite` file to write.
         overwrite: replace an existing file.
         forced_actions: export the `serving_actions` signature instead.
+        layout: `"prefixes"`, `"blocks"`, or None: prefixes for a chain,
+            blocks for a residual network.
 
     Returns:
         `path`.
@@ -352,8 +367,9 @@ def export_litert(rnp, path, overwrite=True, forced_actions=False):
             "Expected a new file (or overwrite=True). Received: "
             f"path={os.fspath(path)!r}, which exists."
         )
+    mode = _litert_mode(rnp, layout)
     names = ["serving_actions"] if forced_actions else list(LITERT_SIGNATURES)
-    signatures = _signatures(rnp, execution.SLICED_BLOCKS)
+    signatures = _signatures(rnp, mode)
     with (
         _contiguous_head_rows(rnp, split=True),
         tempfile.TemporaryDirectory() as saved_model,
@@ -376,6 +392,31 @@ def export_litert(rnp, path, overwrite=True, forced_actions=False):
             f.write(flatbuffer)
     return os.fspath(path)
 
+
+def _litert_mode(rnp, layout):
+    """The execution mode of `export_litert`'s `layout`."""
+    residual = isinstance(rnp.plan, ResidualPlan)
+    if layout is None:
+        layout = "blocks" if residual else "prefixes"
+    if layout not in LITERT_LAYOUTS:
+        raise ValueError(
+            f"layout must be one of {LITERT_LAYOUTS} or None. Received: "
+            f"{layout!r}."
+        )
+    if layout == "prefixes" and residual:
+        # XNNPACK refused a block's chain of prefix convolutions on an
+        # action that no image in the batch took.
+        raise ValueError(
+            'layout="prefixes" is for chains; a residual network exports '
+            'with layout="blocks" (or None). Received: a residual network.'
+        )
+    return {
+        "prefixes": execution.SLICED_PREFIXES,
+        "blocks": execution.SLICED_BLOCKS,
+    }[layout]
+
+
+LITERT_LAYOUTS = ("prefixes", "blocks")
 
 # The signatures of a LiteRT export (without forced actions).
 LITERT_SIGNATURES = ("serving_default", "serving_budget")

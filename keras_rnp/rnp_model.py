@@ -352,8 +352,8 @@ class RNPModel(RNPTrainer, distribute.MultiWorkerFit, keras.Model):
             training: passed to the backbone's layers.
             mode: `keras_rnp.execution.MASKED` (every channel computed, the
                 skipped ones zeroed: training), `SLICED` (only the active
-                channels: inference), `SLICED_BLOCKS` or `SLICED_ONNX` (the
-                same, for LiteRT and ONNX: see `keras_rnp.execution`).
+                channels: inference), `SLICED_BLOCKS`, `SLICED_PREFIXES` or
+                `SLICED_ONNX` (for LiteRT and ONNX: `keras_rnp.execution`).
             target_decision: a decision network to step beside the
                 model's on the same states (DQN's target network).
 
@@ -470,8 +470,9 @@ class RNPModel(RNPTrainer, distribute.MultiWorkerFit, keras.Model):
         """`run()` without input checks, as graph-friendly tensors.
 
         Computes only the active channel groups. Used by `run()` and the
-        exporters (`mode=execution.SLICED_ONNX` for ONNX, `SLICED_BLOCKS`
-        for LiteRT); call `run()` unless you trace your own function.
+        exporters (`mode=execution.SLICED_ONNX` for ONNX, `SLICED_PREFIXES`
+        or `SLICED_BLOCKS` for LiteRT); call `run()` unless you trace your
+        own function.
         """
         outputs, taken, q_values = self.forward(
             images, actions=actions, budget=budget, mode=mode

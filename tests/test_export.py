@@ -351,7 +351,7 @@ def test_flatten_head_and_softmax_output_export(tmp_path):
         )
 
 
-def flatten_head_litert_parity(tmp_path, height, channels, units):
+def flatten_head_litert_parity(tmp_path, height, channels, units, layout=None):
     """A conv -> conv -> Flatten -> dense -> dense chain (4 groups) in LiteRT
     under XNNPACK against Keras: batch 1 at every action (the other head
     blocks multiply zero rows) and a mixed batch."""
@@ -368,7 +368,7 @@ def flatten_head_litert_parity(tmp_path, height, channels, units):
     )
     rnp = keras_rnp.wrap(model, groups=4)
     path = keras_rnp.export_litert(
-        rnp, tmp_path / "flatten.tflite", forced_actions=True
+        rnp, tmp_path / "flatten.tflite", forced_actions=True, layout=layout
     )
     rng = np.random.default_rng(0)
     x = rng.normal(size=(6, height, height, 3)).astype("float32")
@@ -385,23 +385,69 @@ def flatten_head_litert_parity(tmp_path, height, channels, units):
     return path
 
 
-def test_litert_flatten_head(tmp_path):
-    path = flatten_head_litert_parity(tmp_path, 6, 8, 5)
+def litert_weights(path, op_name):
+    """The shapes of the weights (second inputs) of a LiteRT file's
+    `op_name` operators."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    return [
+        tuple(tensors[op["inputs"][1]]["shape"])
+        for op in interpreter._get_ops_details()
+        if op["op_name"] == op_name
+    ]
+
+
+@pytest.mark.parametrize("layout", ["prefixes", "blocks"])
+def test_litert_flatten_head(tmp_path, layout):
+    path = flatten_head_litert_parity(tmp_path, 6, 8, 5, layout)
     # The head's first dense kernel is one constant per channel group
     # (GatedHead.rows_by_group(split=True)), each read whole by a fully
     # connected operator: 5 units x 6 * 6 * 2 rows. (At this size the
     # converter folded the slices of one kernel into the same constants;
     # the slow test below fails without the split.)
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=str(path))
-    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
-    weights = [
-        tuple(tensors[op["inputs"][1]]["shape"])
-        for op in interpreter._get_ops_details()
-        if op["op_name"] == "FULLY_CONNECTED"
-    ]
+    weights = litert_weights(path, "FULLY_CONNECTED")
     assert weights.count((5, 72)) == 4, weights
+
+
+@pytest.mark.parametrize("layout", ["prefixes", "blocks"])
+def test_litert_layouts(rnp, images, tmp_path, layout):
+    path = keras_rnp.export_litert(
+        rnp, tmp_path / "forced.tflite", forced_actions=True, layout=layout
+    )
+    # Batch 1 at one pair of different actions (the other pairs or blocks
+    # run on no image) and a mixed batch.
+    mixed = np.random.default_rng(5).integers(1, 5, size=(9, 2))
+    for x, actions in [(images[:1], [[3, 1]]), (images, mixed)]:
+        actions = np.asarray(actions, "int32")
+        out = litert_runner(path, "serving_actions")(
+            images=x, forced_actions=actions
+        )
+        expected = rnp.run(x, actions=actions)["logits"]
+        np.testing.assert_allclose(out["logits"], expected, atol=1e-4)
+    # The convolutions' filters [out, h, w, in] (small_cnn: 8 filters on 3
+    # channels, not gated; 16 on 8, the output gated; 12 on 16, both
+    # gated). With prefixes, one per (input width, action) pair: the
+    # first a_in groups of input channels by the first a_out groups of
+    # output channels. With blocks, one group by one group.
+    filters = sorted(
+        tuple(map(int, w)) for w in litert_weights(path, "CONV_2D")
+    )
+    if layout == "prefixes":
+        expected = [(4 * a, 3, 3, 8) for a in range(1, 5)] + [
+            (3 * a, 3, 3, 4 * b) for a in range(1, 5) for b in range(1, 5)
+        ]
+    else:
+        expected = [(4, 3, 3, 8)] * 4 + [(3, 3, 3, 4)] * 16
+    assert filters == sorted(expected + [(8, 3, 3, 3)])
+
+
+def test_litert_layout_is_checked(rnp, tmp_path):
+    with pytest.raises(ValueError, match="layout must be one of.*'slices'"):
+        keras_rnp.export_litert(rnp, tmp_path / "a.tflite", layout="slices")
+    assert not os.listdir(tmp_path)
+    # (A residual network's refusal of "prefixes": tests/test_residual.py.)
 
 
 @pytest.mark.slow  # Converts a 144 MB kernel (about 40 s).

@@ -1,6 +1,8 @@
 """Residual and inverted-residual networks: planning, exactness, FLOPs,
 exports, saving and refusals."""
 
+import os
+
 import helpers
 import keras
 import numpy as np
@@ -271,7 +273,10 @@ def test_exports_match_keras_with_mixed_actions(tmp_path):
                 out["logits"], want["logits"], rtol=1e-4, atol=1e-4
             )
             np.testing.assert_allclose(out["flops"], want["flops"], rtol=1e-6)
-    keras_rnp.export_litert(rnp, tmp_path / "rnp.tflite")
+    keras_rnp.export_litert(rnp, tmp_path / "rnp.tflite")  # Blocks.
+    with pytest.raises(ValueError, match='"prefixes" is for chains'):
+        keras_rnp.export_litert(rnp, tmp_path / "p.tflite", layout="prefixes")
+    assert not os.path.exists(tmp_path / "p.tflite")
     from ai_edge_litert.interpreter import Interpreter
 
     litert = Interpreter(model_path=str(tmp_path / "rnp.tflite"))

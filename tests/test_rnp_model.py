@@ -36,10 +36,19 @@ def test_full_actions_equal_backbone(rnp, backbone, images):
     np.testing.assert_array_equal(out["actions"], 4)
 
 
-@pytest.mark.parametrize("mode", [execution.SLICED, execution.MASKED])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        execution.SLICED,
+        execution.MASKED,
+        execution.SLICED_BLOCKS,
+        execution.SLICED_PREFIXES,
+    ],
+)
 def test_forced_per_image_actions_match_numpy_reference(rnp, images, mode):
     # sliced: the inference path (smaller convolutions on the active
-    # channels); masked: the training path (full convolutions, zeroed).
+    # channels); masked: the training path (full convolutions, zeroed);
+    # blocks and prefixes: LiteRT's graphs, run here in TensorFlow.
     # (SLICED_ONNX is for tf2onnx: test_export checks it in onnxruntime.)
     actions = np.array([[1, 1], [1, 4], [2, 3], [3, 2], [4, 1], [4, 4]])
     logits, taken, _ = rnp.forward(

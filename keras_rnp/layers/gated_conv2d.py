@@ -295,7 +295,12 @@ class GatedConv2D(keras.layers.Layer):
         return _run_tail(conv.activation(y), tail, affine, slice(0, out_active))
 
     def call_blocks(
-        self, x, action, previous_action=None, uniform_branch=False
+        self,
+        x,
+        action,
+        previous_action=None,
+        uniform_branch=False,
+        by_prefix=False,
     ):
         """Inference on the active channels for graphs whose weights must
         be constants (onnxruntime's fast convolutions need them; LiteRT).
@@ -310,10 +315,14 @@ class GatedConv2D(keras.layers.Layer):
         instead one convolution on the kernel prefix it needs, chosen by a
         tree of `tf.cond` branches over the `(input width, action)` pairs
         (no gathers); the prefixes are slices of the kernel, which the
-        ONNX export keeps as `Slice` nodes of one stored kernel. Batch norm
-        is folded into the kernel where it directly follows a linear
-        convolution and keeps one set of statistics; with per-width
-        statistics it is applied per image after it.
+        ONNX export keeps as `Slice` nodes of one stored kernel. With
+        `by_prefix` (LiteRT), no blocks: every image runs once, as one
+        convolution on the kernel prefix of its (input width, action)
+        pair, each pair on the images that took it, with no control flow
+        (the prefixes become constants of their own). Batch norm is folded
+        into the kernel where it directly follows a linear convolution and
+        keeps one set of statistics; with per-width statistics it is
+        applied per image after it.
 
         Args:
             x: `[B, H, W, C_in]` input; its skipped channels are 0.
@@ -321,11 +330,13 @@ class GatedConv2D(keras.layers.Layer):
             previous_action: `[B]` int tensor, each image's input width
                 (for a unit whose input is gated).
             uniform_branch: add the branch for uniform batches.
+            by_prefix: run the prefixes instead of the blocks.
 
         Returns:
             A list of `k` tensors `[B, H', W', C_out / k]`, output group by
             group, each exactly 0 for the images that skipped it; one
-            tensor `[B, H', W', C_out]` if the output is not gated.
+            tensor `[B, H', W', C_out]` if the output is not gated or with
+            `by_prefix` (every group, the skipped ones 0).
 
         Every weight is read outside the branches, so that the graph's
         branches take no variables (see `keras_rnp.export`).
@@ -336,7 +347,11 @@ class GatedConv2D(keras.layers.Layer):
             width = tf.cast(previous_action, tf.int32)
         else:
             width = tf.fill([tf.shape(x)[0]], k)
-        gathered, prefix = self.blocks_runner(x.dtype, width, uniform_branch)
+        gathered, prefix = self.blocks_runner(
+            x.dtype, width, uniform_branch or by_prefix, by_prefix=by_prefix
+        )
+        if by_prefix:
+            return gathered(x, action)
         if not uniform_branch:
             outputs = gathered(x, action)
             return outputs if self.out_gated else outputs[0]
@@ -374,7 +389,7 @@ class GatedConv2D(keras.layers.Layer):
         )
         return outputs if self.out_gated else outputs[0]
 
-    def blocks_runner(self, dtype, width, uniform_branch):
+    def blocks_runner(self, dtype, width, uniform_branch, by_prefix=False):
         """`call_blocks`' two ways to run the unit, with every weight they
         read cut here, outside any branch (call it before `tf.cond`).
 
@@ -383,11 +398,15 @@ class GatedConv2D(keras.layers.Layer):
             width: `[B]` int32, each image's input width (`groups` when the
                 input is not gated).
             uniform_branch: also cut the kernel prefixes `prefix` reads.
+            by_prefix: return the prefixes' runner (`call_blocks`'
+                `by_prefix`) in place of the blocks' (needs
+                `uniform_branch`).
 
         Returns:
             `(gathered, prefix)`: `gathered(x, action)`, the kernel blocks
             each run on the images that need them (a list of the `k` output
-            groups, or of one tensor if the output is not gated); and
+            groups, or of one tensor if the output is not gated), or with
+            `by_prefix` each image's prefix (one tensor); and
             `prefix(x, a_in, a_out)`, the whole batch at input width
             `a_in` and action `a_out` as one convolution on a kernel
             prefix, returning the `a_out` groups computed (every channel
@@ -545,6 +564,41 @@ class GatedConv2D(keras.layers.Layer):
                 outputs.append(y)
             return outputs
 
+        def paired(x, action):
+            """Each image once, as one convolution on the kernel prefix
+            of its (input width, action) pair; every pair runs, on the
+            images that took it (none, mostly), with no control flow. The
+            bias and tail run after the merge, on the whole batch (run on
+            each pair, XNNPACK refused the file at batch 1)."""
+            widths = range(1, k + 1) if self.in_gated else [k]
+            actions = range(1, k + 1) if self.out_gated else [k]
+            act = action if self.out_gated else tf.fill(tf.shape(width), k)
+            parts, order = [], []
+            for a_in in widths:
+                part = x if a_in == k else _known(x)[:, :, :, : rows(a_in)]
+                for a_out in actions:
+                    chosen = tf.where((width == a_in) & (act == a_out))[:, 0]
+                    chosen = tf.cast(chosen, tf.int32)
+                    y = convolve(tf.gather(part, chosen), prefixes[a_in, a_out])
+                    y = tf.reshape(y, [-1, *shape[1:3], columns(a_out)])
+                    pad = self.out_channels - columns(a_out)
+                    if pad:
+                        y = tf.pad(y, [[0, 0], [0, 0], [0, 0], [0, pad]])
+                    parts.append(y)
+                    order.append(chosen)
+            order = tf.concat(order, axis=0)
+            inverse = tf.scatter_nd(
+                order[:, None], tf.range(tf.size(order)), tf.shape(order)
+            )
+            total = tf.gather(tf.concat(parts, axis=0), inverse)
+            y = finish(slice(0, self.out_channels), total)
+            if not self.out_gated:
+                return y
+            # The skipped groups' bias and batch-norm offsets, zeroed.
+            group = tf.range(self.out_channels) // group_out
+            keep = tf.cast(group[None, :] < act[:, None], y.dtype)
+            return y * keep[:, None, None, :]
+
         def rows(a_in):
             return a_in * group_in if self.in_gated else self.in_channels
 
@@ -571,7 +625,7 @@ class GatedConv2D(keras.layers.Layer):
             y = convolve(part, prefixes[a_in, a_out])
             return finish(slice(0, columns(a_out)), y, a_in)
 
-        return gathered, prefix
+        return (paired if by_prefix else gathered), prefix
 
     def _folded_weights(self, folds):
         """The float32 kernel and bias (None without one), with the first
