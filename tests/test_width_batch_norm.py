@@ -160,6 +160,25 @@ def test_exports_fold_each_width_s_statistics(tmp_path):
             rtol=1e-4,
             atol=1e-4,
         )
+    # LiteRT's kernel prefixes apply each image's statistics after the
+    # merge (and zero the skipped groups' batch-norm offsets).
+    from ai_edge_litert.interpreter import Interpreter
+
+    litert = keras_rnp.export_litert(
+        rnp, tmp_path / "m.tflite", forced_actions=True
+    )
+    for images, taken in [(x, actions), (x[:1], [[2, 1, 3]])]:
+        taken = np.asarray(taken, np.int32)
+        runner = Interpreter(model_path=litert).get_signature_runner(
+            "serving_actions"
+        )
+        got = runner(images=images, forced_actions=taken)
+        np.testing.assert_allclose(
+            got["logits"],
+            rnp.run(images, actions=taken)["logits"],
+            rtol=1e-4,
+            atol=1e-4,
+        )
 
 
 def test_save_load_keeps_the_width_statistics(tmp_path):

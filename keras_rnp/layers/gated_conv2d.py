@@ -512,11 +512,11 @@ class GatedConv2D(keras.layers.Layer):
                                 v[:, start:stop] for v in pair
                             )
 
-        def finish(columns, total, a_in=None):
+        def finish(columns, total, a_in=None, with_bias=True):
             """Bias and tail of the output `columns`, from their float32
             sum; `a_in` the input width of every image, if one."""
             y = tf.cast(total, dtype)
-            if bias is not None:
+            if bias is not None and with_bias:
                 y = y + tf.cast(biases[columns.start, columns.stop], y.dtype)
 
             def affine(i, layer):
@@ -568,8 +568,9 @@ class GatedConv2D(keras.layers.Layer):
             """Each image once, as one convolution on the kernel prefix
             of its (input width, action) pair; every pair runs, on the
             images that took it (none, mostly), with no control flow. The
-            bias and tail run after the merge, on the whole batch (run on
-            each pair, XNNPACK refused the file at batch 1)."""
+            bias is added per pair (the converter fuses it into the
+            convolution), the tail after the merge, on the whole batch (run
+            on each pair, XNNPACK refused the file at batch 1)."""
             widths = range(1, k + 1) if self.in_gated else [k]
             actions = range(1, k + 1) if self.out_gated else [k]
             act = action if self.out_gated else tf.fill(tf.shape(width), k)
@@ -581,6 +582,8 @@ class GatedConv2D(keras.layers.Layer):
                     chosen = tf.cast(chosen, tf.int32)
                     y = convolve(tf.gather(part, chosen), prefixes[a_in, a_out])
                     y = tf.reshape(y, [-1, *shape[1:3], columns(a_out)])
+                    if bias is not None:
+                        y = y + biases[0, columns(a_out)]
                     pad = self.out_channels - columns(a_out)
                     if pad:
                         y = tf.pad(y, [[0, 0], [0, 0], [0, 0], [0, pad]])
@@ -591,13 +594,24 @@ class GatedConv2D(keras.layers.Layer):
                 order[:, None], tf.range(tf.size(order)), tf.shape(order)
             )
             total = tf.gather(tf.concat(parts, axis=0), inverse)
-            y = finish(slice(0, self.out_channels), total)
-            if not self.out_gated:
+            y = finish(slice(0, self.out_channels), total, with_bias=False)
+            if not self.out_gated or keeps_zeros:
                 return y
-            # The skipped groups' bias and batch-norm offsets, zeroed.
+            # The skipped groups' tail offsets (a batch norm's), zeroed.
             group = tf.range(self.out_channels) // group_out
             keep = tf.cast(group[None, :] < act[:, None], y.dtype)
             return y * keep[:, None, None, :]
+
+        # Whether the tail keeps the skipped (zero) channels zero.
+        keeps_zeros = activation_name(conv) in ("linear", "relu") and all(
+            isinstance(layer, (_L.MaxPooling2D, _L.Dropout))
+            or (isinstance(layer, _L.ReLU) and not layer.threshold)
+            or (
+                isinstance(layer, _L.Activation)
+                and activation_name(layer) in ("linear", "relu")
+            )
+            for _, layer in tail
+        )
 
         def rows(a_in):
             return a_in * group_in if self.in_gated else self.in_channels
