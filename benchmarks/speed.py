@@ -66,7 +66,7 @@ flags.DEFINE_list(
     "runtimes",
     ["keras", "saved_model", "onnx", "litert"],
     "Runtimes to time: keras, saved_model, onnx, litert (export_litert's "
-    "default layout: prefixes for a chain), litert_blocks (layout=blocks).",
+    "default layout, prefixes), litert_blocks (layout='blocks').",
 )
 flags.DEFINE_integer("groups", 4, "Channel groups per gated layer.")
 flags.DEFINE_integer("repeats", 5, "Timed runs per setting (median).")
@@ -239,7 +239,7 @@ class Runtimes:
 
         return plain, run_rnp
 
-    def litert(self, layout=None):
+    def litert(self, layout="prefixes"):
         from ai_edge_litert.interpreter import Interpreter
 
         def plain(model):

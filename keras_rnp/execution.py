@@ -15,15 +15,15 @@
   the images whose actions include it, gathered and added back in place
   (`GatedConv2D.call_blocks`, `GatedHead.call_blocks`). Every weight is
   stored once.
-- `SLICED_PREFIXES` (LiteRT's default for a chain: no control flow,
-  weights constant, but each image computed once): at each gated unit,
-  every (input width, action) pair runs one convolution on its kernel
-  prefix over the images that took it (none, mostly: at batch 1 one
-  pair has the image), and the results are merged back in order. The
-  prefixes are constants of their own, a convolution's weights stored
-  `((k + 1) / 2)^2` times; about twice the speed of the blocks in
-  LiteRT (`BENCHMARKS.md`). A residual block runs its blocks (XNNPACK
-  refused a block's chain of prefixes on an action no image took).
+- `SLICED_PREFIXES` (LiteRT's default: no control flow, weights
+  constant, but each image computed once): at each gated unit, every
+  (input width, action) pair runs one convolution on its kernel prefix
+  over the images that took it (none, mostly: at batch 1 one pair has the
+  image), and the results are merged back in order; a residual block
+  runs each action's chain of prefixes so. The prefixes are constants of
+  their own (a chain's convolution weights stored `((k + 1) / 2)^2`
+  times); from 1.2x to 7x faster than the blocks in LiteRT
+  (`BENCHMARKS.md`).
 - `SLICED_ONNX` (inference for tf2onnx and onnxruntime, whose fast
   convolutions need constant weights: a kernel sliced at run time ran 8.3x
   slower at batch 1, `benchmarks/onnx_weights.py`): a batch whose images
@@ -142,8 +142,13 @@ def _forward_residual(plan, decide, images, mode, training):
         action = decide(x)
         if mode == MASKED:
             y = block.call_masked(x, action, training=training)
-        elif mode in BLOCK_MODES:  # SLICED_PREFIXES too: see the top.
-            y = block.call_blocks(x, action, uniform_branch=mode == SLICED_ONNX)
+        elif mode in BLOCK_MODES:
+            y = block.call_blocks(
+                x,
+                action,
+                uniform_branch=mode == SLICED_ONNX,
+                by_prefix=mode == SLICED_PREFIXES,
+            )
         else:
             y = _by_group(
                 x,

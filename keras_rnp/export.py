@@ -15,7 +15,6 @@ import tensorflow as tf
 
 from keras_rnp import execution
 from keras_rnp.io_utils import atomic_path
-from keras_rnp.residual_planner import ResidualPlan
 from keras_rnp.rnp_model import RNPModel
 
 _TINY = 1e-30
@@ -309,7 +308,9 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
     return os.fspath(path)
 
 
-def export_litert(rnp, path, overwrite=True, forced_actions=False, layout=None):
+def export_litert(
+    rnp, path, overwrite=True, forced_actions=False, layout="prefixes"
+):
     """Exports an RNPModel to LiteRT (TensorFlow Lite, a `.tflite` file).
 
     Signatures as the SavedModel's: `serving_default` (input `images`
@@ -323,18 +324,20 @@ def export_litert(rnp, path, overwrite=True, forced_actions=False, layout=None):
 
     The graph has no control flow (XNNPACK does not run the subgraphs of
     LiteRT's `IF`) and LiteRT's builtin operators only (no Flex delegate).
-    Each gated convolution of a chain runs in one of two layouts:
+    The gated convolutions run in one of two layouts:
 
-    - `"prefixes"` (a chain's default, `execution.SLICED_PREFIXES`): every
-      image runs once, as one convolution on the kernel prefix of its
-      (input width, action) pair, every pair on the images that took it
-      (none, mostly). The prefixes are constants of their own: a
-      convolution's weights are stored `((k + 1) / 2)^2` times (6.25 at
-      `k = 4`; a Flatten head's first dense kernel once).
-    - `"blocks"` (`execution.SLICED_BLOCKS`; residual networks always):
-      each kernel stored once, as `k x k` blocks, each block run on the
-      images whose actions need it and added back in place. About half
-      the speed of the prefixes (`BENCHMARKS.md`).
+    - `"prefixes"` (`execution.SLICED_PREFIXES`): every image runs once,
+      each gated convolution as one convolution on the kernel prefix its
+      actions need (in a chain, of its (input width, action) pair; in a
+      residual block, of the block's action), every prefix on the images
+      that took it (none, mostly). The prefixes are constants of their
+      own: a chain's convolution weights are stored `((k + 1) / 2)^2`
+      times (6.25 at `k = 4`), a residual block's at most `(k + 1) / 2`
+      times; a Flatten head's first dense kernel once.
+    - `"blocks"` (`execution.SLICED_BLOCKS`): each kernel stored once, as
+      `k x k` blocks, each block run on the images whose actions need it
+      and added back in place. A smaller file, and slower: from 1.2x to
+      7x the prefixes' time (`BENCHMARKS.md`).
 
     A Flatten head's first dense kernel is one constant per channel group
     (see `GatedHead.rows_by_group`; another kernel above about 128 MiB
@@ -349,8 +352,7 @@ def export_litert(rnp, path, overwrite=True, forced_actions=False, layout=None):
         path: the `.tflite` file to write.
         overwrite: replace an existing file.
         forced_actions: export the `serving_actions` signature instead.
-        layout: `"prefixes"`, `"blocks"`, or None: prefixes for a chain,
-            blocks for a residual network.
+        layout: `"prefixes"` or `"blocks"`.
 
     Returns:
         `path`.
@@ -367,7 +369,7 @@ def export_litert(rnp, path, overwrite=True, forced_actions=False, layout=None):
             "Expected a new file (or overwrite=True). Received: "
             f"path={os.fspath(path)!r}, which exists."
         )
-    mode = _litert_mode(rnp, layout)
+    mode = _litert_mode(layout)
     names = ["serving_actions"] if forced_actions else list(LITERT_SIGNATURES)
     signatures = _signatures(rnp, mode)
     with (
@@ -393,27 +395,17 @@ def export_litert(rnp, path, overwrite=True, forced_actions=False, layout=None):
     return os.fspath(path)
 
 
-def _litert_mode(rnp, layout):
+def _litert_mode(layout):
     """The execution mode of `export_litert`'s `layout`."""
-    residual = isinstance(rnp.plan, ResidualPlan)
-    if layout is None:
-        layout = "blocks" if residual else "prefixes"
-    if layout not in LITERT_LAYOUTS:
-        raise ValueError(
-            f"layout must be one of {LITERT_LAYOUTS} or None. Received: "
-            f"{layout!r}."
-        )
-    if layout == "prefixes" and residual:
-        # XNNPACK refused a block's chain of prefix convolutions on an
-        # action that no image in the batch took.
-        raise ValueError(
-            'layout="prefixes" is for chains; a residual network exports '
-            'with layout="blocks" (or None). Received: a residual network.'
-        )
-    return {
+    modes = {
         "prefixes": execution.SLICED_PREFIXES,
         "blocks": execution.SLICED_BLOCKS,
-    }[layout]
+    }
+    if layout not in modes:
+        raise ValueError(
+            f"layout must be one of {LITERT_LAYOUTS}. Received: {layout!r}."
+        )
+    return modes[layout]
 
 
 LITERT_LAYOUTS = ("prefixes", "blocks")

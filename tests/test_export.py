@@ -447,7 +447,6 @@ def test_litert_layout_is_checked(rnp, tmp_path):
     with pytest.raises(ValueError, match="layout must be one of.*'slices'"):
         keras_rnp.export_litert(rnp, tmp_path / "a.tflite", layout="slices")
     assert not os.listdir(tmp_path)
-    # (A residual network's refusal of "prefixes": tests/test_residual.py.)
 
 
 @pytest.mark.slow  # Converts a 144 MB kernel (about 40 s).

@@ -125,7 +125,7 @@ class GatedBlock(keras.layers.Layer):
             x = unit.call_sliced(x, in_active, out_active)
         return x
 
-    def call_blocks(self, x, action, uniform_branch=False):
+    def call_blocks(self, x, action, uniform_branch=False, by_prefix=False):
         """Inference for ONNX and LiteRT: each convolution as kernel
         blocks run on the images that need them (see
         `GatedConv2D.call_blocks`; LiteRT). With `uniform_branch` (ONNX),
@@ -135,26 +135,31 @@ class GatedBlock(keras.layers.Layer):
         a tree over the `groups` actions (`1 + ceil(log2(groups))`
         branches per block and call), a mixed batch action by action on
         the images that took it, each in a branch skipped when none
-        did."""
+        did. With `by_prefix` (LiteRT), every batch action by action,
+        without branches: each action's prefixes run on the images that
+        took it, none mostly."""
         k = self.groups
         action = tf.cast(action, tf.int32)
         full = tf.fill([tf.shape(x)[0]], k)
         # Every weight is cut here, outside the branches.
         runners = [
             unit.blocks_runner(
-                x.dtype, action if unit.in_gated else full, uniform_branch
+                x.dtype,
+                action if unit.in_gated else full,
+                uniform_branch or by_prefix,
+                by_prefix=by_prefix,
             )
             for unit in self.units
         ]
 
         def gathered():
-            y = x
+            y = x  # (Not with by_prefix: `run` is then the chain's pairs.)
             for unit, (run, _) in zip(self.units, runners, strict=True):
                 out = run(y, action)
                 y = tf.concat(out, axis=-1) if unit.out_gated else out[0]
             return y
 
-        if not uniform_branch:
+        if not (uniform_branch or by_prefix):
             return gathered()
 
         def at(a, y):
@@ -170,6 +175,10 @@ class GatedBlock(keras.layers.Layer):
             parts, rows = [], []
             for a in range(1, k + 1):
                 chosen = tf.cast(tf.where(tf.equal(action, a))[:, 0], tf.int32)
+                rows.append(chosen)
+                if by_prefix:  # No branch: every action runs.
+                    parts.append(at(a, tf.gather(x, chosen)))
+                    continue
                 empty = tf.zeros([0, *self.unit_output_shape], x.dtype)
                 parts.append(
                     tf.cond(
@@ -178,13 +187,14 @@ class GatedBlock(keras.layers.Layer):
                         lambda empty=empty: empty,
                     )
                 )
-                rows.append(chosen)
             order = tf.concat(rows, axis=0)
             inverse = tf.scatter_nd(
                 order[:, None], tf.range(tf.size(order)), tf.shape(order)
             )
             return tf.gather(tf.concat(parts, axis=0), inverse)
 
+        if by_prefix:
+            return by_action()
         cases = [lambda a=a: at(a, x) for a in range(1, k + 1)]
         return tf.cond(
             is_uniform(action),

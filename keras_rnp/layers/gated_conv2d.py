@@ -637,6 +637,10 @@ class GatedConv2D(keras.layers.Layer):
             if part.shape[-1] != rows(a_in):
                 part = part[:, :, :, : rows(a_in)]
             y = convolve(part, prefixes[a_in, a_out])
+            if by_prefix:
+                # Run on no image, oneDNN's convolution returns the wrong
+                # shape, and XNNPACK refused it without a static one.
+                y = tf.reshape(y, [-1, *shape[1:3], columns(a_out)])
             return finish(slice(0, columns(a_out)), y, a_in)
 
         return (paired if by_prefix else gathered), prefix
