@@ -574,11 +574,12 @@ class GatedConv2D(keras.layers.Layer):
             widths = range(1, k + 1) if self.in_gated else [k]
             actions = range(1, k + 1) if self.out_gated else [k]
             act = action if self.out_gated else tf.fill(tf.shape(width), k)
+            pair = width * (k + 1) + act  # One comparison per pair below.
             parts, order = [], []
             for a_in in widths:
                 part = x if a_in == k else _known(x)[:, :, :, : rows(a_in)]
                 for a_out in actions:
-                    chosen = tf.where((width == a_in) & (act == a_out))[:, 0]
+                    chosen = tf.where(pair == a_in * (k + 1) + a_out)[:, 0]
                     chosen = tf.cast(chosen, tf.int32)
                     y = convolve(tf.gather(part, chosen), prefixes[a_in, a_out])
                     y = tf.reshape(y, [-1, *shape[1:3], columns(a_out)])
