@@ -1,4 +1,4 @@
-"""The forward pass of a gated network, in one of four modes.
+"""The forward pass of a gated network, in one of five modes.
 
 - `MASKED` (training): every gated unit computes all its channels and
   zeroes the skipped groups, so gradients reach every weight.
@@ -21,7 +21,7 @@
   over the images that took it (none, mostly: at batch 1 one pair has the
   image), and the results are merged back in order; a residual block
   runs each action's chain of prefixes so. The prefixes are constants of
-  their own (a chain's convolution weights stored `((k + 1) / 2)^2`
+  their own (a chain's convolution weights stored up to `((k + 1) / 2)^2`
   times); from 1.2x to 7x faster than the blocks in LiteRT
   (`BENCHMARKS.md`).
 - `SLICED_ONNX` (inference for tf2onnx and onnxruntime, whose fast
@@ -37,7 +37,7 @@
   loads the model.
 
 A residual network (`keras_rnp.residual_planner.ResidualPlan`) runs its
-stream layers at full width and each gated block in the same four modes,
+stream layers at full width and each gated block in the same five modes,
 one action per block and image (`keras_rnp.layers.GatedBlock`; in
 `SLICED_ONNX` the branches are per block, not per convolution).
 
@@ -75,7 +75,8 @@ def forward(
         images: `[B, H, W, C]` float tensor.
         choose: `choose(t, q_values) -> [B] int32 actions` for gated layer
             `t`, given its `[B, k]` Q-values (see `keras_rnp.policy`).
-        mode: `MASKED`, `SLICED`, `SLICED_BLOCKS` or `SLICED_ONNX`.
+        mode: `MASKED`, `SLICED`, `SLICED_BLOCKS`, `SLICED_ONNX` or
+            `SLICED_PREFIXES`.
         training: passed to the backbone's layers (masked mode only).
         target_decision: a second decision network (DQN's target network)
             to step on the same states, or None.

@@ -331,7 +331,7 @@ def export_litert(
       actions need (in a chain, of its (input width, action) pair; in a
       residual block, of the block's action), every prefix on the images
       that took it (none, mostly). The prefixes are constants of their
-      own: a chain's convolution weights are stored `((k + 1) / 2)^2`
+      own: a chain's convolution weights are stored up to `((k + 1) / 2)^2`
       times (6.25 at `k = 4`), a residual block's at most `(k + 1) / 2`
       times; a Flatten head's first dense kernel once.
     - `"blocks"` (`execution.SLICED_BLOCKS`): each kernel stored once, as
@@ -397,18 +397,19 @@ def export_litert(
 
 def _litert_mode(layout):
     """The execution mode of `export_litert`'s `layout`."""
-    modes = {
-        "prefixes": execution.SLICED_PREFIXES,
-        "blocks": execution.SLICED_BLOCKS,
-    }
-    if layout not in modes:
+    if not isinstance(layout, str) or layout not in LITERT_LAYOUTS:
         raise ValueError(
-            f"layout must be one of {LITERT_LAYOUTS}. Received: {layout!r}."
+            f"layout must be one of {tuple(LITERT_LAYOUTS)}. Received: "
+            f"{layout!r}."
         )
-    return modes[layout]
+    return LITERT_LAYOUTS[layout]
 
 
-LITERT_LAYOUTS = ("prefixes", "blocks")
+# export_litert's layouts and the execution mode of each.
+LITERT_LAYOUTS = {
+    "prefixes": execution.SLICED_PREFIXES,
+    "blocks": execution.SLICED_BLOCKS,
+}
 
 # The signatures of a LiteRT export (without forced actions).
 LITERT_SIGNATURES = ("serving_default", "serving_budget")

@@ -88,7 +88,6 @@ def test_keras_to_rnp_to_saved_model_and_onnx(cnn_file, tmp_path):
         "rnp_to_litert.py",
         f"--input={rnp_file}",
         f"--output={litert_file}",
-        "--layout=blocks",  # The default layout: tests/test_export.py.
     )
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.strip().splitlines()) == 1, result.stdout

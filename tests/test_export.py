@@ -351,7 +351,9 @@ def test_flatten_head_and_softmax_output_export(tmp_path):
         )
 
 
-def flatten_head_litert_parity(tmp_path, height, channels, units, layout=None):
+def flatten_head_litert_parity(
+    tmp_path, height, channels, units, layout="prefixes"
+):
     """A conv -> conv -> Flatten -> dense -> dense chain (4 groups) in LiteRT
     under XNNPACK against Keras: batch 1 at every action (the other head
     blocks multiply zero rows) and a mixed batch."""

@@ -74,6 +74,10 @@ def chain_cnns(draw):
     reducer = ["GlobalAveragePooling2D", "GlobalMaxPooling2D", "Flatten"]
     layers.append((draw(st.sampled_from(reducer)), {}))
     if draw(st.booleans()):
+        # A batch norm before the head's first dense layer: it reads every
+        # channel, so the last unit's skipped ones must be exactly zero.
+        layers.append(("BatchNormalization", {}))
+    if draw(st.booleans()):
         hidden = draw(st.integers(2, 8))
         layers.append(("Dense", {"units": hidden, "activation": "relu"}))
     layers.append(("Dense", {"units": draw(st.integers(2, 5))}))
@@ -117,12 +121,18 @@ def test_random_chains_are_exact_and_zero_what_they_skip(spec, data):
         full, model(images).numpy(), rtol=1e-4, atol=1e-4
     )
 
-    # The sliced inference computes what masking computes.
+    # The sliced inference computes what masking computes, and so do
+    # LiteRT's graphs (kernel blocks, kernel prefixes), run in TensorFlow.
     sliced = rnp.run(images, actions=actions)
     masked, _, _ = rnp.forward(images, actions=actions)
     np.testing.assert_allclose(
         sliced["logits"].numpy(), masked.numpy(), rtol=1e-4, atol=1e-4
     )
+    for mode in (execution.SLICED_BLOCKS, execution.SLICED_PREFIXES):
+        out, _, _ = rnp.forward(images, actions=actions, mode=mode)
+        np.testing.assert_allclose(
+            out.numpy(), masked.numpy(), rtol=1e-4, atol=1e-4
+        )
     np.testing.assert_allclose(
         sliced["flops"].numpy(),
         rnp.flops_from_actions(actions).numpy(),
@@ -256,7 +266,7 @@ def test_random_residual_networks_are_exact_and_sliced_equals_masked(net, data):
     )
     assert rnp.full_flops == keras_rnp.count_flops(model)
     masked, _, _ = rnp.forward(images, actions=actions)
-    for mode in execution.MODES[1:]:  # Every inference mode.
+    for mode in set(execution.MODES) - {execution.MASKED}:
         out, _, _ = rnp.forward(images, actions=actions, mode=mode)
         np.testing.assert_allclose(
             out.numpy(), masked.numpy(), rtol=1e-4, atol=1e-4

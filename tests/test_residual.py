@@ -279,12 +279,11 @@ def test_exports_match_keras_with_mixed_actions(tmp_path):
         path = keras_rnp.export_litert(
             rnp, tmp_path / f"{layout}.tflite", layout=layout
         )
-        for batch in batches:
-            # A new interpreter each time: XNNPACK failed at its first call.
-            litert = Interpreter(model_path=path)
-            got = litert.get_signature_runner("serving_budget")(
-                images=x[:batch], budget=budget[:batch]
-            )
+        runner = Interpreter(model_path=path).get_signature_runner(
+            "serving_budget"
+        )
+        for batch in batches:  # One interpreter, resized between calls.
+            got = runner(images=x[:batch], budget=budget[:batch])
             want = rnp.run(x[:batch], budget=budget[:batch])
             np.testing.assert_array_equal(got["actions"], want["actions"])
             np.testing.assert_allclose(

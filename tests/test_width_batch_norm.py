@@ -161,7 +161,7 @@ def test_exports_fold_each_width_s_statistics(tmp_path):
             atol=1e-4,
         )
     # LiteRT's kernel prefixes apply each image's statistics after the
-    # merge (and zero the skipped groups' batch-norm offsets).
+    # merge, image by image in the batch's order.
     from ai_edge_litert.interpreter import Interpreter
 
     litert = keras_rnp.export_litert(

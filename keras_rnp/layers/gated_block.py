@@ -146,7 +146,7 @@ class GatedBlock(keras.layers.Layer):
             unit.blocks_runner(
                 x.dtype,
                 action if unit.in_gated else full,
-                uniform_branch or by_prefix,
+                uniform_branch,
                 by_prefix=by_prefix,
             )
             for unit in self.units

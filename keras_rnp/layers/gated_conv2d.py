@@ -348,7 +348,7 @@ class GatedConv2D(keras.layers.Layer):
         else:
             width = tf.fill([tf.shape(x)[0]], k)
         gathered, prefix = self.blocks_runner(
-            x.dtype, width, uniform_branch or by_prefix, by_prefix=by_prefix
+            x.dtype, width, uniform_branch, by_prefix=by_prefix
         )
         if by_prefix:
             return gathered(x, action)
@@ -399,8 +399,8 @@ class GatedConv2D(keras.layers.Layer):
                 input is not gated).
             uniform_branch: also cut the kernel prefixes `prefix` reads.
             by_prefix: return the prefixes' runner (`call_blocks`'
-                `by_prefix`) in place of the blocks' (needs
-                `uniform_branch`).
+                `by_prefix`) in place of the blocks' (and cut the
+                prefixes).
 
         Returns:
             `(gathered, prefix)`: `gathered(x, action)`, the kernel blocks
@@ -414,6 +414,7 @@ class GatedConv2D(keras.layers.Layer):
             groups it reads.
         """
         k, conv = self.groups, self.conv
+        uniform_branch = uniform_branch or by_prefix  # Both read prefixes.
         inputs = k if self.in_gated else 1
         outputs_count = k if self.out_gated else 1
         group_in = self.in_channels // inputs
