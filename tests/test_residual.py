@@ -273,9 +273,9 @@ def test_exports_match_keras_with_mixed_actions(tmp_path):
             np.testing.assert_allclose(out["flops"], want["flops"], rtol=1e-6)
     from ai_edge_litert.interpreter import Interpreter
 
-    # LiteRT, both layouts: each block's kernel prefixes (every action
-    # runs, on no image mostly: at batch 1 all but one) and its blocks.
-    for layout, batches in [("prefixes", (1, 9)), ("blocks", (9,))]:
+    # LiteRT: each block's kernel prefixes (every action runs, on no image
+    # mostly: at batch 1 all but one); the blocks in a slow test below.
+    for layout, batches in [("prefixes", (1, 9))]:
         path = keras_rnp.export_litert(
             rnp, tmp_path / f"{layout}.tflite", layout=layout
         )
@@ -299,6 +299,30 @@ def test_exports_match_keras_with_mixed_actions(tmp_path):
     np.testing.assert_allclose(
         got["logits"], want["logits"], rtol=1e-4, atol=1e-4
     )
+
+
+# Slow (about 10 s): the default run keeps to 15 minutes; it has the
+# blocks on chains (test_export) and in TensorFlow on random residual
+# networks (test_properties).
+@pytest.mark.slow
+def test_litert_blocks_of_a_residual_network(tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    rnp = keras_rnp.wrap(bottleneck_net(), seed=0)
+    x = images_for(rnp, 9, seed=4)
+    actions = random_actions(rnp, 9, seed=5).astype(np.int32)
+    path = keras_rnp.export_litert(
+        rnp, tmp_path / "blocks.tflite", forced_actions=True, layout="blocks"
+    )
+    runner = Interpreter(model_path=path).get_signature_runner(
+        "serving_actions"
+    )
+    for batch in (1, 9):
+        got = runner(images=x[:batch], forced_actions=actions[:batch])
+        want = rnp.run(x[:batch], actions=actions[:batch])
+        np.testing.assert_allclose(
+            got["logits"], want["logits"], rtol=1e-4, atol=1e-4
+        )
 
 
 @pytest.mark.parametrize("net", ["bottleneck", "inverted"])

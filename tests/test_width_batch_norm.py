@@ -160,10 +160,21 @@ def test_exports_fold_each_width_s_statistics(tmp_path):
             rtol=1e-4,
             atol=1e-4,
         )
-    # LiteRT's kernel prefixes apply each image's statistics after the
-    # merge, image by image in the batch's order.
+
+
+# Slow (about 25 s): the default run keeps to 15 minutes. There, the
+# prefixes with per-width statistics run only in TensorFlow, on random
+# residual networks (test_properties).
+@pytest.mark.slow
+def test_litert_applies_each_width_s_statistics(tmp_path):
     from ai_edge_litert.interpreter import Interpreter
 
+    rnp = width_aware_rnp()
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(9, 10, 10, 3)).astype("float32")
+    actions = rng.integers(1, 5, size=(9, 3)).astype("int32")
+    # Each image's statistics, applied after the prefixes' merge, in the
+    # batch's order.
     litert = keras_rnp.export_litert(
         rnp, tmp_path / "m.tflite", forced_actions=True
     )
