@@ -22,7 +22,7 @@ flags.DEFINE_bool("overwrite", False, "Replace an existing output file.")
 flags.DEFINE_enum(
     "layout",
     "prefixes",
-    ["prefixes", "blocks"],
+    list(keras_rnp.export.LITERT_LAYOUTS),
     "How the gated convolutions are stored: prefixes (one convolution per "
     "image and layer; each kernel prefix a constant of its own, so a larger "
     "file) or blocks (each weight once; 1.2x to 7x slower). See "

@@ -15,6 +15,7 @@ import tensorflow as tf
 from keras_rnp.layers.gated_conv2d import GatedConv2D
 from keras_rnp.layers.gated_conv2d import branch_tree
 from keras_rnp.layers.gated_conv2d import is_uniform
+from keras_rnp.layers.gated_conv2d import merge_in_order
 
 
 @keras.saving.register_keras_serializable(package="keras_rnp")
@@ -187,11 +188,7 @@ class GatedBlock(keras.layers.Layer):
                         lambda empty=empty: empty,
                     )
                 )
-            order = tf.concat(rows, axis=0)
-            inverse = tf.scatter_nd(
-                order[:, None], tf.range(tf.size(order)), tf.shape(order)
-            )
-            return tf.gather(tf.concat(parts, axis=0), inverse)
+            return merge_in_order(parts, rows)
 
         if by_prefix:
             return by_action()

@@ -591,11 +591,7 @@ class GatedConv2D(keras.layers.Layer):
                         y = tf.pad(y, [[0, 0], [0, 0], [0, 0], [0, pad]])
                     parts.append(y)
                     order.append(chosen)
-            order = tf.concat(order, axis=0)
-            inverse = tf.scatter_nd(
-                order[:, None], tf.range(tf.size(order)), tf.shape(order)
-            )
-            total = tf.gather(tf.concat(parts, axis=0), inverse)
+            total = merge_in_order(parts, order)
             y = finish(slice(0, self.out_channels), total, with_bias=False)
             if not self.out_gated or keeps_zeros:
                 return y
@@ -731,6 +727,17 @@ def _depthwise(layer, y, kernel, bias):
     if bias is not None:
         y = tf.nn.bias_add(y, tf.cast(bias, y.dtype))
     return layer.activation(y)
+
+
+def merge_in_order(parts, rows):
+    """`parts[i]`, computed on the images `rows[i]` (`[n_i]` int32; every
+    image of the batch in exactly one), concatenated back in the images'
+    order."""
+    order = tf.concat(rows, axis=0)
+    inverse = tf.scatter_nd(
+        order[:, None], tf.range(tf.size(order)), tf.shape(order)
+    )
+    return tf.gather(tf.concat(parts, axis=0), inverse)
 
 
 def is_uniform(key):
