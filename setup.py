@@ -41,6 +41,8 @@ setup(
         ],
         "test": [
             "pytest>=7.4",
+            # make test runs the suite in two processes (pytest -n 2).
+            "pytest-xdist>=3.5",
             "hypothesis>=6.80",
             "ruff>=0.6",
             "scikit-learn>=1.2",
