@@ -1,0 +1,199 @@
+"""Can the decision network's inputs tell a hard image from an easy one?
+
+The decision network decides gated layer `t` from the global average of
+the feature map entering it, and (through its LSTM) of those entering the
+layers before. This script runs every image on one fixed path (by default
+the cheapest, 1 group everywhere), records those averages, and asks how
+well they predict that the path gets the image wrong:
+
+- for each `t`, a logistic regression on the averages of layer `t` alone
+  and of layers `0..t`, and a small multilayer perceptron on layers
+  `0..t` (the decision network is one too: a dense layer and an LSTM),
+  each fitted on the validation split and scored on the test split by
+  ROC AUC;
+- beside it, what the path's own output says: the AUC of one minus its top
+  softmax probability (no fitting), the signal a two-pass rule reads, and
+  a logistic regression on its sorted softmax probabilities.
+
+An AUC near the output's at an early layer means the decisions could route
+by difficulty there and the policy's training is what fails; an AUC near
+0.5 means no training of the policy could, since the difficulty is not
+yet visible when that layer's width is chosen (BENCHMARKS.md, issue 13).
+Needs scikit-learn (the examples' and tests' extras).
+
+    python benchmarks/routing_probe.py --data_dir=../shared/data/cifar10 \\
+        --model=runs/resnet20c/rnp_p0.03.keras
+"""
+
+import os
+
+from absl import app
+from absl import flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+from sklearn.neural_network import MLPClassifier  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+
+from keras_rnp import execution  # noqa: E402
+from keras_rnp import io_utils  # noqa: E402
+from keras_rnp.data_utils import load_split  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "A trained RNP model (.keras).")
+flags.DEFINE_string("dataset", "cifar10", "tfds dataset name.")
+flags.DEFINE_string("data_dir", None, "ImageFolder or tfds data directory.")
+flags.DEFINE_string(
+    "path", "", "The fixed path, one digit per gated layer (default: all 1)."
+)
+flags.DEFINE_integer("batch_size", 500, "Images per forward pass.")
+flags.DEFINE_string(
+    "output", "benchmarks/results/routing_probe.json", "Where to write."
+)
+
+
+class _Recorder:
+    """Stands in for the decision network: records the global average of
+    each gated layer's input and reports no Q-values of its own."""
+
+    def __init__(self, groups):
+        self.groups = groups
+        self.averages = []
+
+    def initial_state(self, batch_size):
+        del batch_size
+        return []
+
+    def step(self, t, feature_map, state):
+        del t
+        average = tf.reduce_mean(tf.cast(feature_map, tf.float32), [1, 2])
+        self.averages.append(average.numpy())
+        batch = tf.shape(feature_map)[0]
+        return tf.zeros([batch, self.groups]), state
+
+
+def run_path(rnp, images, path, batch_size):
+    """Per-layer input averages (a list of `[N, C_t]`) and `[N, classes]`
+    logits of `images` on the fixed `path`."""
+    layers = [[] for _ in path]
+    logits = []
+    for i in range(0, len(images), batch_size):
+        part = tf.convert_to_tensor(images[i : i + batch_size])
+        recorder = _Recorder(rnp.groups)
+        actions = tf.constant(np.tile(path, (len(part), 1)), tf.int32)
+        out = execution.forward(
+            rnp.plan,
+            recorder,
+            tf.cast(part, rnp.compute_dtype),
+            lambda t, q, actions=actions: actions[:, t],
+            mode=execution.SLICED,
+        )[0]
+        logits.append(keras.ops.convert_to_numpy(out).astype("float32"))
+        for t, average in enumerate(recorder.averages):
+            layers[t].append(average)
+    return [np.concatenate(a) for a in layers], np.concatenate(logits)
+
+
+def probe_auc(
+    train_features, train_wrong, test_features, test_wrong, mlp=False
+):
+    """Test ROC AUC of a logistic regression (or, with `mlp`, a one-hidden-
+    layer perceptron stopped early on a tenth of the train side) fitted
+    on the train side."""
+    if mlp:
+        classifier = MLPClassifier(
+            (64,), alpha=1e-2, early_stopping=True, random_state=0
+        )
+    else:
+        classifier = LogisticRegression(C=0.1, max_iter=2000)
+    probe = make_pipeline(StandardScaler(), classifier)
+    probe.fit(train_features, train_wrong)
+    return float(
+        roc_auc_score(test_wrong, probe.predict_proba(test_features)[:, 1])
+    )
+
+
+def main(argv):
+    del argv
+    if not FLAGS.model:
+        raise app.UsageError("Expected --model.")
+    rnp = io_utils.load_model(FLAGS.model, "trained RNP model")
+    layers = rnp.num_gated_layers
+    text = FLAGS.path or "1" * layers
+    path = tuple(int(c) for c in text)
+    if len(path) != layers or not all(1 <= a <= rnp.groups for a in path):
+        raise app.UsageError(
+            f"Expected --path of {layers} digits in 1..{rnp.groups} (one per "
+            f"gated layer). Received: {text!r}."
+        )
+    sides = {}
+    for split in ("validation", "test"):
+        images, labels = load_split(FLAGS.dataset, split, FLAGS.data_dir)
+        averages, logits = run_path(rnp, images, path, FLAGS.batch_size)
+        wrong = logits.argmax(-1) != labels
+        print(f"{split}: {len(labels)} images, path error {wrong.mean():.4f}")
+        sides[split] = (averages, logits, wrong)
+    (train_avg, train_logits, train_wrong) = sides["validation"]
+    (test_avg, test_logits, test_wrong) = sides["test"]
+
+    def sorted_probabilities(logits):
+        probabilities = keras.ops.convert_to_numpy(keras.ops.softmax(logits))
+        return -np.sort(-probabilities, axis=-1)
+
+    probabilities = sorted_probabilities(test_logits)
+    results = {
+        "model": FLAGS.model,
+        "path": text,
+        "test_error": float(test_wrong.mean()),
+        "output_confidence_auc": float(
+            roc_auc_score(test_wrong, 1 - probabilities[:, 0])
+        ),
+        "probabilities_probe_auc": probe_auc(
+            sorted_probabilities(train_logits),
+            train_wrong,
+            probabilities,
+            test_wrong,
+        ),
+        "layers": [],
+    }
+    for t in range(layers):
+        seen = slice(0, t + 1)
+        so_far = (
+            np.concatenate(train_avg[seen], axis=1),
+            train_wrong,
+            np.concatenate(test_avg[seen], axis=1),
+            test_wrong,
+        )
+        row = {
+            "layer": t,
+            "channels": int(test_avg[t].shape[1]),
+            "this_layer_auc": probe_auc(
+                train_avg[t], train_wrong, test_avg[t], test_wrong
+            ),
+            "layers_so_far_auc": probe_auc(*so_far),
+            "layers_so_far_mlp_auc": probe_auc(*so_far, mlp=True),
+        }
+        results["layers"].append(row)
+        print(
+            f"gated layer {t}: input of {row['channels']} channels, AUC "
+            f"{row['this_layer_auc']:.3f} alone, "
+            f"{row['layers_so_far_auc']:.3f} with the layers before, "
+            f"{row['layers_so_far_mlp_auc']:.3f} by a perceptron"
+        )
+    print(
+        f"the path's output: AUC {results['output_confidence_auc']:.3f} "
+        f"(confidence), {results['probabilities_probe_auc']:.3f} (probe on "
+        "its sorted probabilities)"
+    )
+    io_utils.write_json(FLAGS.output, results)
+    print(f"Wrote {FLAGS.output}")
+
+
+if __name__ == "__main__":
+    app.run(main)
