@@ -4,7 +4,9 @@ The decision network decides gated layer `t` from the global average of
 the feature map entering it, and (through its LSTM) of those entering the
 layers before. This script runs every image on one fixed path (by default
 the cheapest, 1 group everywhere), records those averages, and asks how
-well they predict that the path gets the image wrong:
+well they predict that the path gets the image wrong ("wrong"), and that
+it does while a wider path (`--wide`, by default every group) gets it
+right ("fixable": what routing the image wider would win):
 
 - for each `t`, a logistic regression on the averages of layer `t` alone
   and of layers `0..t`, and a small multilayer perceptron on layers
@@ -51,6 +53,12 @@ flags.DEFINE_string("dataset", "cifar10", "tfds dataset name.")
 flags.DEFINE_string("data_dir", None, "ImageFolder or tfds data directory.")
 flags.DEFINE_string(
     "path", "", "The fixed path, one digit per gated layer (default: all 1)."
+)
+flags.DEFINE_string(
+    "wide",
+    "",
+    "A wider path, one digit per gated layer (default: every group): an "
+    "image is fixable if --path gets it wrong and this path right.",
 )
 flags.DEFINE_integer("batch_size", 500, "Images per forward pass.")
 flags.DEFINE_string(
@@ -119,78 +127,100 @@ def probe_auc(
     )
 
 
+def parse_path(text, rnp, flag):
+    path = tuple(int(c) for c in text)
+    layers = rnp.num_gated_layers
+    if len(path) != layers or not all(1 <= a <= rnp.groups for a in path):
+        raise app.UsageError(
+            f"Expected --{flag} of {layers} digits in 1..{rnp.groups} (one "
+            f"per gated layer). Received: {text!r}."
+        )
+    return path
+
+
+def sorted_probabilities(logits):
+    probabilities = keras.ops.convert_to_numpy(keras.ops.softmax(logits))
+    return -np.sort(-probabilities, axis=-1)
+
+
+def score(train, test, target):
+    """The AUCs of every predictor of one target: `train` and `test` are
+    `(averages, logits, targets)` with `targets[target]` a `[N]` bool."""
+    (train_avg, train_logits, train_y) = train[:2] + (train[2][target],)
+    (test_avg, test_logits, test_y) = test[:2] + (test[2][target],)
+    probabilities = sorted_probabilities(test_logits)
+    result = {
+        "test_rate": float(test_y.mean()),
+        "output_confidence_auc": float(
+            roc_auc_score(test_y, 1 - probabilities[:, 0])
+        ),
+        "probabilities_probe_auc": probe_auc(
+            sorted_probabilities(train_logits), train_y, probabilities, test_y
+        ),
+        "layers": [],
+    }
+    print(
+        f"{target} ({result['test_rate']:.1%} of the test images): the "
+        f"path's output gives AUC {result['output_confidence_auc']:.3f} "
+        f"(confidence), {result['probabilities_probe_auc']:.3f} (a probe on "
+        "its sorted probabilities)"
+    )
+    for t in range(len(test_avg)):
+        seen = slice(0, t + 1)
+        so_far = (
+            np.concatenate(train_avg[seen], axis=1),
+            train_y,
+            np.concatenate(test_avg[seen], axis=1),
+            test_y,
+        )
+        row = {
+            "layer": t,
+            "channels": int(test_avg[t].shape[1]),
+            "this_layer_auc": probe_auc(
+                train_avg[t], train_y, test_avg[t], test_y
+            ),
+            "layers_so_far_auc": probe_auc(*so_far),
+            "layers_so_far_mlp_auc": probe_auc(*so_far, mlp=True),
+        }
+        result["layers"].append(row)
+        print(
+            f"  gated layer {t}: input of {row['channels']} channels, AUC "
+            f"{row['this_layer_auc']:.3f} alone, "
+            f"{row['layers_so_far_auc']:.3f} with the layers before, "
+            f"{row['layers_so_far_mlp_auc']:.3f} by a perceptron"
+        )
+    return result
+
+
 def main(argv):
     del argv
     if not FLAGS.model:
         raise app.UsageError("Expected --model.")
     rnp = io_utils.load_model(FLAGS.model, "trained RNP model")
     layers = rnp.num_gated_layers
-    text = FLAGS.path or "1" * layers
-    path = tuple(int(c) for c in text)
-    if len(path) != layers or not all(1 <= a <= rnp.groups for a in path):
-        raise app.UsageError(
-            f"Expected --path of {layers} digits in 1..{rnp.groups} (one per "
-            f"gated layer). Received: {text!r}."
-        )
+    path = parse_path(FLAGS.path or "1" * layers, rnp, "path")
+    wide = parse_path(FLAGS.wide or str(rnp.groups) * layers, rnp, "wide")
     sides = {}
     for split in ("validation", "test"):
         images, labels = load_split(FLAGS.dataset, split, FLAGS.data_dir)
         averages, logits = run_path(rnp, images, path, FLAGS.batch_size)
+        _, wide_logits = run_path(rnp, images, wide, FLAGS.batch_size)
         wrong = logits.argmax(-1) != labels
-        print(f"{split}: {len(labels)} images, path error {wrong.mean():.4f}")
-        sides[split] = (averages, logits, wrong)
-    (train_avg, train_logits, train_wrong) = sides["validation"]
-    (test_avg, test_logits, test_wrong) = sides["test"]
-
-    def sorted_probabilities(logits):
-        probabilities = keras.ops.convert_to_numpy(keras.ops.softmax(logits))
-        return -np.sort(-probabilities, axis=-1)
-
-    probabilities = sorted_probabilities(test_logits)
+        fixable = wrong & (wide_logits.argmax(-1) == labels)
+        print(
+            f"{split}: {len(labels)} images, error {wrong.mean():.4f} on the "
+            f"path, {np.mean(wide_logits.argmax(-1) != labels):.4f} on the "
+            "wide path"
+        )
+        targets = {"wrong": wrong, "fixable": fixable}
+        sides[split] = (averages, logits, targets)
     results = {
         "model": FLAGS.model,
-        "path": text,
-        "test_error": float(test_wrong.mean()),
-        "output_confidence_auc": float(
-            roc_auc_score(test_wrong, 1 - probabilities[:, 0])
-        ),
-        "probabilities_probe_auc": probe_auc(
-            sorted_probabilities(train_logits),
-            train_wrong,
-            probabilities,
-            test_wrong,
-        ),
-        "layers": [],
+        "path": "".join(map(str, path)),
+        "wide": "".join(map(str, wide)),
     }
-    for t in range(layers):
-        seen = slice(0, t + 1)
-        so_far = (
-            np.concatenate(train_avg[seen], axis=1),
-            train_wrong,
-            np.concatenate(test_avg[seen], axis=1),
-            test_wrong,
-        )
-        row = {
-            "layer": t,
-            "channels": int(test_avg[t].shape[1]),
-            "this_layer_auc": probe_auc(
-                train_avg[t], train_wrong, test_avg[t], test_wrong
-            ),
-            "layers_so_far_auc": probe_auc(*so_far),
-            "layers_so_far_mlp_auc": probe_auc(*so_far, mlp=True),
-        }
-        results["layers"].append(row)
-        print(
-            f"gated layer {t}: input of {row['channels']} channels, AUC "
-            f"{row['this_layer_auc']:.3f} alone, "
-            f"{row['layers_so_far_auc']:.3f} with the layers before, "
-            f"{row['layers_so_far_mlp_auc']:.3f} by a perceptron"
-        )
-    print(
-        f"the path's output: AUC {results['output_confidence_auc']:.3f} "
-        f"(confidence), {results['probabilities_probe_auc']:.3f} (probe on "
-        "its sorted probabilities)"
-    )
+    for target in ("wrong", "fixable"):
+        results[target] = score(sides["validation"], sides["test"], target)
     io_utils.write_json(FLAGS.output, results)
     print(f"Wrote {FLAGS.output}")
 
