@@ -207,6 +207,20 @@ def run_json_script(name, timeout=600):
     return json.loads(result.stdout)
 
 
+def run_checks(code, timeout=300, **names):
+    """Runs `code` in a fresh Python process, after binding each keyword
+    to its value's repr; the code must print "ok" last."""
+    header = "".join(f"{name} = {value!r}\n" for name, value in names.items())
+    result = subprocess.run(
+        [sys.executable, "-c", header + code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok"), result.stdout[-3000:]
+
+
 def free_ports(count):
     """`count` TCP ports free on localhost now."""
     import socket

@@ -3,8 +3,8 @@ worked out by hand. The script defines absl flags that other scripts the
 suite imports define too, so it runs in its own interpreter."""
 
 import os
-import subprocess
-import sys
+
+from helpers import run_checks
 
 PATH = os.path.join(
     os.path.dirname(os.path.abspath(__file__)),
@@ -61,11 +61,4 @@ print("ok")
 
 
 def test_oracle_and_two_pass_rule_on_hand_worked_cases():
-    result = subprocess.run(
-        [sys.executable, "-c", f"PATH = {PATH!r}\n" + CHECKS],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("ok")
+    run_checks(CHECKS, PATH=PATH)

@@ -5,8 +5,8 @@ that other scripts the suite imports define too, so it runs in its own
 interpreter."""
 
 import os
-import subprocess
-import sys
+
+from helpers import run_checks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PATH = os.path.join(HERE, "..", "benchmarks", "routing_probe.py")
@@ -53,11 +53,4 @@ print("ok")
 
 
 def test_probe_records_each_gated_layer_s_averaged_input():
-    result = subprocess.run(
-        [sys.executable, "-c", f"PATH = {PATH!r}\nHERE = {HERE!r}\n" + CHECKS],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("ok")
+    run_checks(CHECKS, PATH=PATH, HERE=HERE)
