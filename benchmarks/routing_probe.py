@@ -17,6 +17,9 @@ right ("fixable": what routing the image wider would win):
   softmax probability (no fitting), the signal a two-pass rule reads, and
   a logistic regression on its sorted softmax probabilities.
 
+`--statistics=mean,max,std` asks the same of richer per-channel
+statistics than the decision network's encoder reads.
+
 An AUC near the output's at an early layer means the decisions could route
 by difficulty there and the policy's training is what fails; an AUC near
 0.5 means no training of the policy could, since the difficulty is not
@@ -60,18 +63,33 @@ flags.DEFINE_string(
     "A wider path, one digit per gated layer (default: every group): an "
     "image is fixable if --path gets it wrong and this path right.",
 )
+flags.DEFINE_list(
+    "statistics",
+    ["mean"],
+    "Per-channel statistics of each layer's input the probes read: mean "
+    "(what the decision network reads), max, std.",
+)
 flags.DEFINE_integer("batch_size", 500, "Images per forward pass.")
 flags.DEFINE_string(
     "output", "benchmarks/results/routing_probe.json", "Where to write."
 )
 
 
-class _Recorder:
-    """Stands in for the decision network: records the global average of
-    each gated layer's input and reports no Q-values of its own."""
+STATISTICS = {
+    "mean": lambda x: tf.reduce_mean(x, [1, 2]),
+    "max": lambda x: tf.reduce_max(x, [1, 2]),
+    "std": lambda x: tf.math.reduce_std(x, [1, 2]),
+}
 
-    def __init__(self, groups):
+
+class _Recorder:
+    """Stands in for the decision network: records per-channel statistics
+    of each gated layer's input over space (the decision network reads the
+    mean) and reports no Q-values of its own."""
+
+    def __init__(self, groups, statistics):
         self.groups = groups
+        self.statistics = statistics
         self.averages = []
 
     def initial_state(self, batch_size):
@@ -80,20 +98,21 @@ class _Recorder:
 
     def step(self, t, feature_map, state):
         del t
-        average = tf.reduce_mean(tf.cast(feature_map, tf.float32), [1, 2])
-        self.averages.append(average.numpy())
+        x = tf.cast(feature_map, tf.float32)
+        values = [STATISTICS[name](x) for name in self.statistics]
+        self.averages.append(tf.concat(values, axis=-1).numpy())
         batch = tf.shape(feature_map)[0]
         return tf.zeros([batch, self.groups]), state
 
 
-def run_path(rnp, images, path, batch_size):
-    """Per-layer input averages (a list of `[N, C_t]`) and `[N, classes]`
-    logits of `images` on the fixed `path`."""
+def run_path(rnp, images, path, batch_size, statistics=("mean",)):
+    """Per-layer input statistics (a list of `[N, len(statistics) * C_t]`)
+    and `[N, classes]` logits of `images` on the fixed `path`."""
     layers = [[] for _ in path]
     logits = []
     for i in range(0, len(images), batch_size):
         part = tf.convert_to_tensor(images[i : i + batch_size])
-        recorder = _Recorder(rnp.groups)
+        recorder = _Recorder(rnp.groups, statistics)
         actions = tf.constant(np.tile(path, (len(part), 1)), tf.int32)
         out = execution.forward(
             rnp.plan,
@@ -175,7 +194,7 @@ def score(train, test, target):
         )
         row = {
             "layer": t,
-            "channels": int(test_avg[t].shape[1]),
+            "features": int(test_avg[t].shape[1]),
             "this_layer_auc": probe_auc(
                 train_avg[t], train_y, test_avg[t], test_y
             ),
@@ -184,7 +203,7 @@ def score(train, test, target):
         }
         result["layers"].append(row)
         print(
-            f"  gated layer {t}: input of {row['channels']} channels, AUC "
+            f"  gated layer {t}: {row['features']} input features, AUC "
             f"{row['this_layer_auc']:.3f} alone, "
             f"{row['layers_so_far_auc']:.3f} with the layers before, "
             f"{row['layers_so_far_mlp_auc']:.3f} by a perceptron"
@@ -196,6 +215,12 @@ def main(argv):
     del argv
     if not FLAGS.model:
         raise app.UsageError("Expected --model.")
+    unknown = sorted(set(FLAGS.statistics) - set(STATISTICS))
+    if unknown or not FLAGS.statistics:
+        raise app.UsageError(
+            f"Expected --statistics from {sorted(STATISTICS)}. Received: "
+            f"{FLAGS.statistics}."
+        )
     rnp = io_utils.load_model(FLAGS.model, "trained RNP model")
     layers = rnp.num_gated_layers
     path = parse_path(FLAGS.path or "1" * layers, rnp, "path")
@@ -203,7 +228,9 @@ def main(argv):
     sides = {}
     for split in ("validation", "test"):
         images, labels = load_split(FLAGS.dataset, split, FLAGS.data_dir)
-        averages, logits = run_path(rnp, images, path, FLAGS.batch_size)
+        averages, logits = run_path(
+            rnp, images, path, FLAGS.batch_size, FLAGS.statistics
+        )
         _, wide_logits = run_path(rnp, images, wide, FLAGS.batch_size)
         wrong = logits.argmax(-1) != labels
         fixable = wrong & (wide_logits.argmax(-1) == labels)
@@ -218,6 +245,7 @@ def main(argv):
         "model": FLAGS.model,
         "path": "".join(map(str, path)),
         "wide": "".join(map(str, wide)),
+        "statistics": FLAGS.statistics,
     }
     for target in ("wrong", "fixable"):
         results[target] = score(sides["validation"], sides["test"], target)
