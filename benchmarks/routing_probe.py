@@ -48,7 +48,9 @@ from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 from keras_rnp import execution  # noqa: E402
 from keras_rnp import io_utils  # noqa: E402
+from keras_rnp import rank_correlation  # noqa: E402
 from keras_rnp.data_utils import load_split  # noqa: E402
+from keras_rnp.evaluation import per_image_losses  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "A trained RNP model (.keras).")
@@ -132,7 +134,7 @@ def probe_auc(
 ):
     """Test ROC AUC of a logistic regression (or, with `mlp`, a one-hidden-
     layer perceptron stopped early on a tenth of the train side) fitted
-    on the train side."""
+    on the train side, and its `[N]` test scores."""
     if mlp:
         classifier = MLPClassifier(
             (64,), alpha=1e-2, early_stopping=True, random_state=0
@@ -141,9 +143,8 @@ def probe_auc(
         classifier = LogisticRegression(C=0.1, max_iter=2000)
     probe = make_pipeline(StandardScaler(), classifier)
     probe.fit(train_features, train_wrong)
-    return float(
-        roc_auc_score(test_wrong, probe.predict_proba(test_features)[:, 1])
-    )
+    scores = probe.predict_proba(test_features)[:, 1]
+    return float(roc_auc_score(test_wrong, scores)), scores
 
 
 def parse_path(text, rnp, flag):
@@ -163,26 +164,36 @@ def sorted_probabilities(logits):
 
 
 def score(train, test, target):
-    """The AUCs of every predictor of one target: `train` and `test` are
-    `(averages, logits, targets)` with `targets[target]` a `[N]` bool."""
-    (train_avg, train_logits, train_y) = train[:2] + (train[2][target],)
-    (test_avg, test_logits, test_y) = test[:2] + (test[2][target],)
-    probabilities = sorted_probabilities(test_logits)
+    """The AUCs of every predictor of one target. `train` and `test` are
+    dicts of the path's `averages` and `logits`, the `targets` (`[N]`
+    bools by name) and `wide_losses` (each image's loss on the wide
+    path). The rank correlations are of each test score with the wide
+    path's loss: what a policy that widens by that score could reach."""
+    train_avg, train_y = train["averages"], train["targets"][target]
+    test_avg, test_y = test["averages"], test["targets"][target]
+    probabilities = sorted_probabilities(test["logits"])
+    confidence = 1 - probabilities[:, 0]
     result = {
         "test_rate": float(test_y.mean()),
-        "output_confidence_auc": float(
-            roc_auc_score(test_y, 1 - probabilities[:, 0])
+        "output_confidence_auc": float(roc_auc_score(test_y, confidence)),
+        "output_confidence_loss_rank_correlation": rank_correlation(
+            confidence, test["wide_losses"]
         ),
         "probabilities_probe_auc": probe_auc(
-            sorted_probabilities(train_logits), train_y, probabilities, test_y
-        ),
+            sorted_probabilities(train["logits"]),
+            train_y,
+            probabilities,
+            test_y,
+        )[0],
         "layers": [],
     }
     print(
         f"{target} ({result['test_rate']:.1%} of the test images): the "
         f"path's output gives AUC {result['output_confidence_auc']:.3f} "
-        f"(confidence), {result['probabilities_probe_auc']:.3f} (a probe on "
-        "its sorted probabilities)"
+        f"(confidence; rank correlation with the wide path's loss "
+        f"{result['output_confidence_loss_rank_correlation']:+.3f}), "
+        f"{result['probabilities_probe_auc']:.3f} (a probe on its sorted "
+        "probabilities)"
     )
     for t in range(len(test_avg)):
         seen = slice(0, t + 1)
@@ -192,20 +203,26 @@ def score(train, test, target):
             np.concatenate(test_avg[seen], axis=1),
             test_y,
         )
+        so_far_auc, so_far_scores = probe_auc(*so_far)
         row = {
             "layer": t,
             "features": int(test_avg[t].shape[1]),
             "this_layer_auc": probe_auc(
                 train_avg[t], train_y, test_avg[t], test_y
+            )[0],
+            "layers_so_far_auc": so_far_auc,
+            "layers_so_far_loss_rank_correlation": rank_correlation(
+                so_far_scores, test["wide_losses"]
             ),
-            "layers_so_far_auc": probe_auc(*so_far),
-            "layers_so_far_mlp_auc": probe_auc(*so_far, mlp=True),
+            "layers_so_far_mlp_auc": probe_auc(*so_far, mlp=True)[0],
         }
         result["layers"].append(row)
         print(
             f"  gated layer {t}: {row['features']} input features, AUC "
             f"{row['this_layer_auc']:.3f} alone, "
-            f"{row['layers_so_far_auc']:.3f} with the layers before, "
+            f"{row['layers_so_far_auc']:.3f} with the layers before "
+            f"(rank correlation "
+            f"{row['layers_so_far_loss_rank_correlation']:+.3f}), "
             f"{row['layers_so_far_mlp_auc']:.3f} by a perceptron"
         )
     return result
@@ -239,8 +256,12 @@ def main(argv):
             f"path, {np.mean(wide_logits.argmax(-1) != labels):.4f} on the "
             "wide path"
         )
-        targets = {"wrong": wrong, "fixable": fixable}
-        sides[split] = (averages, logits, targets)
+        sides[split] = {
+            "averages": averages,
+            "logits": logits,
+            "targets": {"wrong": wrong, "fixable": fixable},
+            "wide_losses": per_image_losses(labels, wide_logits),
+        }
     results = {
         "model": FLAGS.model,
         "path": "".join(map(str, path)),

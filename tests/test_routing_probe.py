@@ -50,7 +50,7 @@ np.testing.assert_allclose(logits, reference, atol=1e-4)
 # The probe's AUC: a feature that orders the errors perfectly gives 1.
 wrong = np.array([0, 1] * 20)
 feature = wrong[:, None] + np.random.default_rng(2).normal(size=(40, 1)) * 0.1
-assert probe.probe_auc(feature, wrong, feature, wrong) == 1.0
+assert probe.probe_auc(feature, wrong, feature, wrong)[0] == 1.0
 print("ok")
 """
 
