@@ -274,7 +274,7 @@ def test_exports_match_keras_with_mixed_actions(tmp_path):
     from ai_edge_litert.interpreter import Interpreter
 
     # LiteRT: each block's kernel prefixes (every action runs, on no image
-    # mostly: at batch 1 all but one); the blocks in a slow test below.
+    # mostly: at batch 1 all but one); the blocks in the next test.
     for layout, batches in [("prefixes", (1, 9))]:
         path = keras_rnp.export_litert(
             rnp, tmp_path / f"{layout}.tflite", layout=layout
@@ -301,10 +301,6 @@ def test_exports_match_keras_with_mixed_actions(tmp_path):
     )
 
 
-# Slow (about 10 s): the default run keeps to 15 minutes; it has the
-# blocks on chains (test_export) and in TensorFlow on random residual
-# networks (test_properties).
-@pytest.mark.slow
 def test_litert_blocks_of_a_residual_network(tmp_path):
     from ai_edge_litert.interpreter import Interpreter
 

@@ -42,7 +42,7 @@ second[..., 4:] = 0  # action 1 of 4 groups keeps 4 of 16 channels
 np.testing.assert_allclose(averages[0], first.mean(axis=(1, 2)), atol=1e-4)
 np.testing.assert_allclose(averages[1], second.mean(axis=(1, 2)), atol=1e-4)
 rich, _ = probe.run_path(rnp, x, (1, 2), 4, ("mean", "max", "std"))
-expected = [first.mean(axis=(1, 2)), first.max(axis=(1, 2)), first.std(axis=(1, 2))]
+expected = [f(first, axis=(1, 2)) for f in (np.mean, np.max, np.std)]
 np.testing.assert_allclose(rich[0], np.concatenate(expected, axis=1), atol=1e-4)
 reference = np_small_cnn(model, x, np.tile([1, 2], (7, 1)), 4)
 np.testing.assert_allclose(logits, reference, atol=1e-4)

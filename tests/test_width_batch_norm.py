@@ -162,10 +162,6 @@ def test_exports_fold_each_width_s_statistics(tmp_path):
         )
 
 
-# Slow (about 25 s): the default run keeps to 15 minutes. There, the
-# prefixes with per-width statistics run only in TensorFlow, on random
-# residual networks (test_properties).
-@pytest.mark.slow
 def test_litert_applies_each_width_s_statistics(tmp_path):
     from ai_edge_litert.interpreter import Interpreter
 
