@@ -9,28 +9,30 @@ it does while a wider path (`--wide`, by default every group) gets it
 right ("fixable": what routing the image wider would win):
 
 - for each `t`, a logistic regression on the averages of layer `t` alone
-  and of layers `0..t`, and a small multilayer perceptron on layers
-  `0..t` (the decision network is one too: a dense layer and an LSTM),
-  each fitted on the validation split and scored on the test split by
-  ROC AUC;
+  and of layers `0..t` (its regularisation chosen by cross-validation),
+  fitted on the validation split and scored on the test split by ROC AUC;
 - beside it, what the path's own output says: the AUC of one minus its top
   softmax probability (no fitting), the signal a two-pass rule reads, and
   a logistic regression on its sorted softmax probabilities.
 
 `--statistics=mean,max,std` asks the same of richer per-channel
-statistics than the decision network's encoder reads.
+statistics than the decision network's encoder reads. `--read_path=4444`
+(every group) gives the probes the widest inputs a policy could have seen,
+still predicting the errors of `--path`.
 
 An AUC near the output's at an early layer means the decisions could route
 by difficulty there and the policy's training is what fails; an AUC near
-0.5 means no training of the policy could, since the difficulty is not
-yet visible when that layer's width is chosen (BENCHMARKS.md, issue 13).
+0.5 means a policy reading these inputs could not, since the difficulty
+is not yet visible in them when that layer's width is chosen (a linear
+reading: a nonlinear one may find more; BENCHMARKS.md, issue 13).
 Needs scikit-learn (the examples' and tests' extras).
 
     python benchmarks/routing_probe.py --data_dir=../shared/data/cifar10 \\
-        --model=runs/resnet20c/rnp_p0.03.keras
+        --model=runs/resnet20c/warmup_rnp.keras
 """
 
 import os
+import warnings
 
 from absl import app
 from absl import flags
@@ -40,17 +42,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.linear_model import LogisticRegressionCV  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
-from sklearn.neural_network import MLPClassifier  # noqa: E402
 from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
+from keras_rnp import RNPModel  # noqa: E402
 from keras_rnp import execution  # noqa: E402
 from keras_rnp import io_utils  # noqa: E402
 from keras_rnp import rank_correlation  # noqa: E402
 from keras_rnp.data_utils import load_split  # noqa: E402
 from keras_rnp.evaluation import per_image_losses  # noqa: E402
+
+# scikit-learn 1.9 announces changes to LogisticRegressionCV's defaults
+# that do not change the fit used here.
+warnings.filterwarnings("ignore", category=FutureWarning, module="sklearn")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "A trained RNP model (.keras).")
@@ -65,13 +71,22 @@ flags.DEFINE_string(
     "A wider path, one digit per gated layer (default: every group): an "
     "image is fixable if --path gets it wrong and this path right.",
 )
+flags.DEFINE_string(
+    "read_path",
+    "",
+    "The path whose layer inputs the probes read (default: --path). "
+    "Every group (e.g. 4444) gives them the widest inputs a policy could "
+    "have seen.",
+)
 flags.DEFINE_list(
     "statistics",
     ["mean"],
     "Per-channel statistics of each layer's input the probes read: mean "
     "(what the decision network reads), max, std.",
 )
-flags.DEFINE_integer("batch_size", 500, "Images per forward pass.")
+flags.DEFINE_integer(
+    "batch_size", 500, "Images per forward pass.", lower_bound=1
+)
 flags.DEFINE_string(
     "output", "benchmarks/results/routing_probe.json", "Where to write."
 )
@@ -100,9 +115,9 @@ class _Recorder:
 
     def step(self, t, feature_map, state):
         del t
-        x = tf.cast(feature_map, tf.float32)
-        values = [STATISTICS[name](x) for name in self.statistics]
-        self.averages.append(tf.concat(values, axis=-1).numpy())
+        values = [STATISTICS[name](feature_map) for name in self.statistics]
+        values = tf.cast(tf.concat(values, axis=-1), tf.float32)
+        self.averages.append(values.numpy())
         batch = tf.shape(feature_map)[0]
         return tf.zeros([batch, self.groups]), state
 
@@ -129,18 +144,13 @@ def run_path(rnp, images, path, batch_size, statistics=("mean",)):
     return [np.concatenate(a) for a in layers], np.concatenate(logits)
 
 
-def probe_auc(
-    train_features, train_wrong, test_features, test_wrong, mlp=False
-):
-    """Test ROC AUC of a logistic regression (or, with `mlp`, a one-hidden-
-    layer perceptron stopped early on a tenth of the train side) fitted
-    on the train side, and its `[N]` test scores."""
-    if mlp:
-        classifier = MLPClassifier(
-            (64,), alpha=1e-2, early_stopping=True, random_state=0
-        )
-    else:
-        classifier = LogisticRegression(C=0.1, max_iter=2000)
+def probe_auc(train_features, train_wrong, test_features, test_wrong):
+    """Test ROC AUC of a logistic regression fitted on the train side (its
+    regularisation chosen by 3-fold cross-validation there, on ROC AUC),
+    and its `[N]` test scores."""
+    classifier = LogisticRegressionCV(
+        Cs=[0.001, 0.01, 0.1, 1.0], cv=3, scoring="roc_auc", max_iter=2000
+    )
     probe = make_pipeline(StandardScaler(), classifier)
     probe.fit(train_features, train_wrong)
     scores = probe.predict_proba(test_features)[:, 1]
@@ -148,9 +158,13 @@ def probe_auc(
 
 
 def parse_path(text, rnp, flag):
-    path = tuple(int(c) for c in text)
     layers = rnp.num_gated_layers
-    if len(path) != layers or not all(1 <= a <= rnp.groups for a in path):
+    path = tuple(int(c) for c in text if c.isdigit())
+    if (
+        len(path) != len(text)
+        or len(path) != layers
+        or not all(1 <= a <= rnp.groups for a in path)
+    ):
         raise app.UsageError(
             f"Expected --{flag} of {layers} digits in 1..{rnp.groups} (one "
             f"per gated layer). Received: {text!r}."
@@ -167,10 +181,19 @@ def score(train, test, target):
     """The AUCs of every predictor of one target. `train` and `test` are
     dicts of the path's `averages` and `logits`, the `targets` (`[N]`
     bools by name) and `wide_losses` (each image's loss on the wide
-    path). The rank correlations are of each test score with the wide
-    path's loss: what a policy that widens by that score could reach."""
+    path). The rank correlations are of each continuous test score with
+    the wide path's loss. A policy's FLOPs, which take a few values, rank
+    images more coarsely than the score they follow, so these are
+    upper sides, not what such a policy would measure.
+
+    Returns None (and says so) when a split has images of one kind only
+    (e.g. no fixable image: `--wide` no better than `--path`)."""
     train_avg, train_y = train["averages"], train["targets"][target]
     test_avg, test_y = test["averages"], test["targets"][target]
+    for name, y in (("validation", train_y), ("test", test_y)):
+        if y.all() or not y.any():
+            print(f"{target}: every {name} image is alike; not scored.")
+            return None
     probabilities = sorted_probabilities(test["logits"])
     confidence = 1 - probabilities[:, 0]
     result = {
@@ -214,16 +237,14 @@ def score(train, test, target):
             "layers_so_far_loss_rank_correlation": rank_correlation(
                 so_far_scores, test["wide_losses"]
             ),
-            "layers_so_far_mlp_auc": probe_auc(*so_far, mlp=True)[0],
         }
         result["layers"].append(row)
         print(
             f"  gated layer {t}: {row['features']} input features, AUC "
             f"{row['this_layer_auc']:.3f} alone, "
             f"{row['layers_so_far_auc']:.3f} with the layers before "
-            f"(rank correlation "
-            f"{row['layers_so_far_loss_rank_correlation']:+.3f}), "
-            f"{row['layers_so_far_mlp_auc']:.3f} by a perceptron"
+            f"(its score's rank correlation "
+            f"{row['layers_so_far_loss_rank_correlation']:+.3f})"
         )
     return result
 
@@ -239,15 +260,29 @@ def main(argv):
             f"{FLAGS.statistics}."
         )
     rnp = io_utils.load_model(FLAGS.model, "trained RNP model")
+    if not isinstance(rnp, RNPModel):
+        raise app.UsageError(
+            f"Expected --model to be an RNP model (keras_rnp.wrap). "
+            f"Received: a {type(rnp).__name__} from {FLAGS.model}."
+        )
     layers = rnp.num_gated_layers
     path = parse_path(FLAGS.path or "1" * layers, rnp, "path")
     wide = parse_path(FLAGS.wide or str(rnp.groups) * layers, rnp, "wide")
+    read = (
+        parse_path(FLAGS.read_path, rnp, "read_path")
+        if FLAGS.read_path
+        else path
+    )
     sides = {}
     for split in ("validation", "test"):
         images, labels = load_split(FLAGS.dataset, split, FLAGS.data_dir)
         averages, logits = run_path(
             rnp, images, path, FLAGS.batch_size, FLAGS.statistics
         )
+        if read != path:
+            averages, _ = run_path(
+                rnp, images, read, FLAGS.batch_size, FLAGS.statistics
+            )
         _, wide_logits = run_path(rnp, images, wide, FLAGS.batch_size)
         wrong = logits.argmax(-1) != labels
         fixable = wrong & (wide_logits.argmax(-1) == labels)
@@ -266,6 +301,7 @@ def main(argv):
         "model": FLAGS.model,
         "path": "".join(map(str, path)),
         "wide": "".join(map(str, wide)),
+        "read_path": "".join(map(str, read)),
         "statistics": FLAGS.statistics,
     }
     for target in ("wrong", "fixable"):

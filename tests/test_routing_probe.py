@@ -47,10 +47,36 @@ np.testing.assert_allclose(rich[0], np.concatenate(expected, axis=1), atol=1e-4)
 reference = np_small_cnn(model, x, np.tile([1, 2], (7, 1)), 4)
 np.testing.assert_allclose(logits, reference, atol=1e-4)
 
-# The probe's AUC: a feature that orders the errors perfectly gives 1.
-wrong = np.array([0, 1] * 20)
-feature = wrong[:, None] + np.random.default_rng(2).normal(size=(40, 1)) * 0.1
-assert probe.probe_auc(feature, wrong, feature, wrong)[0] == 1.0
+# What was recorded is what the decision network reads: its Q-values,
+# stepped on the recorded averages (as 1x1 feature maps), are the model's.
+state = rnp.decision.initial_state(7)
+want = rnp.run(x, actions=np.tile([1, 2], (7, 1)))["q_values"].numpy()
+for t, average in enumerate(averages):
+    q, state = rnp.decision.step(t, average[:, None, None, :], state)
+    np.testing.assert_allclose(q.numpy(), want[:, t], rtol=1e-4, atol=1e-5)
+
+# score(): probes are fitted on the validation side and scored on the
+# test side. The test side's labels are the reverse of what its feature
+# says on the validation side, so a probe fitted there scores AUC 0 (one
+# fitted on the test side would score 1). The test logits' confidence
+# orders its errors exactly: AUC 1.
+rng = np.random.default_rng(2)
+feature = rng.normal(size=(60, 1))
+rule = feature[:, 0] > 0
+test_logits = np.stack([np.where(rule, 5.0, 0.0), np.zeros(60)], axis=1)
+side = lambda y, logits: {
+    "averages": [feature],
+    "logits": logits,
+    "targets": {"wrong": y},
+    "wide_losses": rng.normal(size=60),
+}
+train, test = side(rule, rng.normal(size=(60, 2))), side(~rule, test_logits)
+result = probe.score(train, test, "wrong")
+assert result["layers"][0]["layers_so_far_auc"] < 0.05, result
+assert result["output_confidence_auc"] == 1.0, result
+assert result["test_rate"] == np.mean(~rule)
+# One kind of image only: not scored.
+assert probe.score(train, side(rule & False, test_logits), "wrong") is None
 print("ok")
 """
 
