@@ -1,6 +1,6 @@
 """How much could per-image routing among a model's fixed paths gain?
 
-Two measurements on the test split, for a trained RNP model and a list of
+Measurements on the test split, for a trained RNP model and a list of
 its fixed paths (BENCHMARKS.md, "where the loss sits"):
 
 - the oracle: each image takes the cheapest listed path that classifies it
@@ -10,6 +10,8 @@ its fixed paths (BENCHMARKS.md, "where the loss sits"):
   share `q` of images with the lowest top softmax probability runs again
   on `--wide`. Its FLOPs count both passes. With `--backbone`, also the
   rank correlation of each image's FLOPs with the full network's loss.
+- with `--rnp`, the same measures of RNP models' own learned policies
+  (budget 0), beside.
 
     python benchmarks/routing_bounds.py --data_dir=../shared/data/cifar10 \\
         --model=runs/anchors/five_10/tuned.keras \\
@@ -43,6 +45,12 @@ flags.DEFINE_list(
     "rerun", ["0.1", "0.2", "0.3", "0.4", "0.5"], "Shares run again."
 )
 flags.DEFINE_string("backbone", "", "The full network, for the correlation.")
+flags.DEFINE_list(
+    "rnp",
+    [],
+    "RNP models (.keras) whose learned policies to measure beside, at "
+    "budget 0 (with --backbone, their rank correlation too).",
+)
 flags.DEFINE_string(
     "output", "benchmarks/results/routing_bounds.json", "Where to write."
 )
@@ -119,6 +127,30 @@ def two_pass(cheap, wide, labels, shares, full_losses):
     return rows
 
 
+def learned_policy(path, images, labels, full_losses):
+    """Accuracy, FLOPs speed-up, spread and (given the full network's
+    per-image losses) rank correlation of an RNP model's own decisions."""
+    rnp = io_utils.load_model(path, "trained RNP model")
+    logits, flops = [], []
+    for i in range(0, len(images), 1000):
+        out = rnp.run(images[i : i + 1000])
+        logits.append(out["logits"].numpy())
+        flops.append(out["flops"].numpy())
+    logits, flops = np.concatenate(logits), np.concatenate(flops)
+    ratio, spread = evaluation.flops_ratio_and_spread(flops, rnp.full_flops)
+    row = {
+        "accuracy": evaluation.accuracy(logits, labels),
+        "speedup": float(1 / ratio),
+        "spread": float(spread),
+    }
+    if full_losses is not None:
+        row["loss_rank_correlation"] = keras_rnp.rank_correlation(
+            flops, full_losses
+        )
+    print(path, row)
+    return row
+
+
 def main(argv):
     del argv
     if not FLAGS.model:
@@ -168,6 +200,10 @@ def main(argv):
                 shares,
                 full_losses,
             )
+    results["rnp"] = {
+        path: learned_policy(path, images, labels, full_losses)
+        for path in FLAGS.rnp
+    }
     io_utils.write_json(FLAGS.output, results)
     print(f"Wrote {FLAGS.output}")
 
