@@ -10,6 +10,8 @@ its fixed paths (BENCHMARKS.md, "where the loss sits"):
   share `q` of images with the lowest top softmax probability runs again
   on `--wide`. Its FLOPs count both passes. With `--backbone`, also the
   rank correlation of each image's FLOPs with the full network's loss.
+  `--thresholds_from=validation` fixes the thresholds on the validation
+  split instead, as a deployed rule would be.
 - with `--rnp`, the same measures of RNP models' own learned policies
   (budget 0), beside.
 
@@ -45,6 +47,14 @@ flags.DEFINE_list(
     "rerun", ["0.1", "0.2", "0.3", "0.4", "0.5"], "Shares run again."
 )
 flags.DEFINE_string("backbone", "", "The full network, for the correlation.")
+flags.DEFINE_enum(
+    "thresholds_from",
+    "test",
+    ["test", "validation"],
+    "The two-pass rule's confidence thresholds: quantiles of the test "
+    "images' own confidences, or fixed beforehand on the validation "
+    "split's (as a deployed rule would be).",
+)
 flags.DEFINE_list(
     "rnp",
     [],
@@ -99,21 +109,31 @@ def oracle(runs, labels):
     return rows
 
 
-def two_pass(cheap, wide, labels, shares, full_losses):
-    """Rows of the two-pass rule for each share run again."""
-    (cheap_logits, cheap_ratio), (wide_logits, wide_ratio) = cheap, wide
+def confidences(logits):
+    """Each image's top softmax probability."""
     probabilities = keras.ops.convert_to_numpy(
-        keras.ops.softmax(cheap_logits.astype("float32"))
+        keras.ops.softmax(logits.astype("float32"))
     )
-    confidence = probabilities.max(axis=-1)
+    return probabilities.max(axis=-1)
+
+
+def two_pass(cheap, wide, labels, shares, full_losses, reference=None):
+    """Rows of the two-pass rule for each share run again. The threshold
+    for a share is that quantile of the `reference` confidences (another
+    split's, on the cheap path), or of these images' own when None."""
+    (cheap_logits, cheap_ratio), (wide_logits, wide_ratio) = cheap, wide
+    confidence = confidences(cheap_logits)
+    if reference is None:
+        reference = confidence
     rows = []
     for share in shares:
-        again = confidence < np.quantile(confidence, share)
+        again = confidence < np.quantile(reference, share)
         predictions = np.where(
             again, wide_logits.argmax(-1), cheap_logits.argmax(-1)
         )
         flops = np.where(again, cheap_ratio + wide_ratio, cheap_ratio)
         row = {
+            "share": share,
             "rerun_share": float(again.mean()),
             "accuracy": float(np.mean(predictions == labels)),
             "speedup": float(1 / flops.mean()),
@@ -190,6 +210,12 @@ def main(argv):
         full_losses = evaluation.per_image_losses(labels, full_logits)
     shares = [float(s) for s in FLAGS.rerun]
     results["two_pass"] = {}
+    results["thresholds_from"] = FLAGS.thresholds_from
+    reference = None
+    if FLAGS.cheap and FLAGS.thresholds_from == "validation":
+        held_out, _ = load_split(FLAGS.dataset, "validation", FLAGS.data_dir)
+        path = parse_path(FLAGS.cheap, layers)
+        reference = confidences(run_path(rnp, held_out, path)[0])
     if FLAGS.cheap:
         for wide in FLAGS.wide:
             print(f"two passes: {FLAGS.cheap}, then {wide}")
@@ -199,6 +225,7 @@ def main(argv):
                 labels,
                 shares,
                 full_losses,
+                reference,
             )
     results["rnp"] = {
         path: learned_policy(path, images, labels, full_losses)
