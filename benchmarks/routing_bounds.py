@@ -76,15 +76,25 @@ def parse_path(text, layers):
     return path
 
 
-def run_path(rnp, images, path):
-    """Logits `[N, classes]` and the FLOPs ratio of one fixed path."""
-    logits = []
+def run_all(rnp, images, path=None):
+    """`rnp.run` over `images`, 1,000 at a time: `[N, classes]` logits and
+    `[N]` FLOPs, on the fixed `path` if given, else the learned policy."""
+    outs = []
     for i in range(0, len(images), 1000):
         part = images[i : i + 1000]
-        out = rnp.run(part, actions=np.tile(path, (len(part), 1)))
-        logits.append(out["logits"].numpy())
+        actions = None if path is None else np.tile(path, (len(part), 1))
+        outs.append(rnp.run(part, actions=actions))
+    return [
+        np.concatenate([out[key].numpy() for out in outs])
+        for key in ("logits", "flops")
+    ]
+
+
+def run_path(rnp, images, path):
+    """Logits `[N, classes]` and the FLOPs ratio of one fixed path."""
+    logits, _ = run_all(rnp, images, path)
     flops = float(rnp.flops_from_actions(np.array([path]))[0])
-    return np.concatenate(logits), flops / rnp.full_flops
+    return logits, flops / rnp.full_flops
 
 
 def oracle(runs, labels):
@@ -151,12 +161,7 @@ def learned_policy(path, images, labels, full_losses):
     """Accuracy, FLOPs speed-up, spread and (given the full network's
     per-image losses) rank correlation of an RNP model's own decisions."""
     rnp = io_utils.load_model(path, "trained RNP model")
-    logits, flops = [], []
-    for i in range(0, len(images), 1000):
-        out = rnp.run(images[i : i + 1000])
-        logits.append(out["logits"].numpy())
-        flops.append(out["flops"].numpy())
-    logits, flops = np.concatenate(logits), np.concatenate(flops)
+    logits, flops = run_all(rnp, images)
     ratio, spread = evaluation.flops_ratio_and_spread(flops, rnp.full_flops)
     row = {
         "accuracy": evaluation.accuracy(logits, labels),

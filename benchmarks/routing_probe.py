@@ -51,6 +51,7 @@ from keras_rnp import RNPModel  # noqa: E402
 from keras_rnp import execution  # noqa: E402
 from keras_rnp import io_utils  # noqa: E402
 from keras_rnp import rank_correlation  # noqa: E402
+from keras_rnp import validation  # noqa: E402
 from keras_rnp.data_utils import load_split  # noqa: E402
 from keras_rnp.evaluation import per_image_losses  # noqa: E402
 
@@ -158,18 +159,21 @@ def probe_auc(train_features, train_wrong, test_features, test_wrong):
 
 
 def parse_path(text, rnp, flag):
-    layers = rnp.num_gated_layers
-    path = tuple(int(c) for c in text if c.isdigit())
-    if (
-        len(path) != len(text)
-        or len(path) != layers
-        or not all(1 <= a <= rnp.groups for a in path)
-    ):
-        raise app.UsageError(
-            f"Expected --{flag} of {layers} digits in 1..{rnp.groups} (one "
-            f"per gated layer). Received: {text!r}."
+    """`--flag`'s digits as a path of `rnp` (keras_rnp's own check)."""
+    try:
+        if not text.isdigit():
+            raise ValueError(
+                f"--{flag} expects digits, one per gated layer. Received: "
+                f"{text!r}."
+            )
+        return validation.check_path(
+            f"--{flag}",
+            [int(c) for c in text],
+            rnp.num_gated_layers,
+            rnp.groups,
         )
-    return path
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
 
 
 def sorted_probabilities(logits):
@@ -276,14 +280,14 @@ def main(argv):
     sides = {}
     for split in ("validation", "test"):
         images, labels = load_split(FLAGS.dataset, split, FLAGS.data_dir)
-        averages, logits = run_path(
-            rnp, images, path, FLAGS.batch_size, FLAGS.statistics
-        )
-        if read != path:
-            averages, _ = run_path(
-                rnp, images, read, FLAGS.batch_size, FLAGS.statistics
-            )
-        _, wide_logits = run_path(rnp, images, wide, FLAGS.batch_size)
+        runs = {}  # Each distinct path once (--read_path may be --wide).
+        for p in (path, read, wide):
+            if p not in runs:
+                runs[p] = run_path(
+                    rnp, images, p, FLAGS.batch_size, FLAGS.statistics
+                )
+        averages, logits = runs[read][0], runs[path][1]
+        wide_logits = runs[wide][1]
         wrong = logits.argmax(-1) != labels
         fixable = wrong & (wide_logits.argmax(-1) == labels)
         print(
