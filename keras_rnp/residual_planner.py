@@ -67,23 +67,30 @@ _NOT_SUPPORTED = (
     (
         _L.Multiply,
         "multiplying feature maps (squeeze-and-excitation, gating) is not "
-        "supported",
+        "supported: squeeze-and-excitation's dense layers read every "
+        "channel of the tensor they scale, and a gated block does not "
+        "slice them",
     ),
     (
         (_L.Attention, _L.AdditiveAttention, _L.MultiHeadAttention),
-        "attention is not supported",
+        "attention is not supported: keras_rnp plans convolutional "
+        "networks, whose layers read [H, W, C] feature maps",
     ),
     (
         (_L.Conv2DTranspose, _L.Conv1DTranspose, _L.Conv3DTranspose),
-        "transposed convolutions are not supported",
+        "transposed convolutions are not supported: the gated units "
+        "slice Conv2D and DepthwiseConv2D kernels only",
     ),
     (
         (_L.SeparableConv2D, _L.Conv1D, _L.Conv3D),
-        "only Conv2D and DepthwiseConv2D convolutions are supported",
+        "only Conv2D and DepthwiseConv2D convolutions are supported, the "
+        "kernels the gated units slice (a separable convolution can be "
+        "built as a DepthwiseConv2D and a 1x1 Conv2D)",
     ),
     (
         (_L.Subtract, _L.Average, _L.Maximum, _L.Minimum, _L.Dot),
-        "Add is the only merge supported",
+        "Add is the only merge supported: the planner follows the "
+        "residual stream through Add, which keeps every channel whole",
     ),
 )
 _NONLINEAR = (_L.ReLU, _L.LeakyReLU, _L.ELU, _L.Activation)

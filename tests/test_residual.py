@@ -542,6 +542,24 @@ def _squeeze_excitation():
     return keras.Model(inputs, L.Dense(2)(x))
 
 
+def _separable():
+    inputs = keras.Input((8, 8, 4))
+    x = L.Conv2D(8, 3, padding="same")(inputs)
+    y = L.ReLU()(L.SeparableConv2D(8, 3, padding="same", name="sep")(x))
+    y = L.Conv2D(8, 1)(y)
+    x = L.GlobalAveragePooling2D()(L.Add()([x, y]))
+    return keras.Model(inputs, L.Dense(2)(x))
+
+
+def _subtract():
+    inputs = keras.Input((8, 8, 4))
+    x = L.Conv2D(8, 3, padding="same")(inputs)
+    y = L.ReLU()(L.Conv2D(8, 3, padding="same")(x))
+    y = L.Conv2D(8, 1)(y)
+    x = L.GlobalAveragePooling2D()(L.Subtract(name="diff")([x, y]))
+    return keras.Model(inputs, L.Dense(2)(x))
+
+
 def _inception():
     inputs = keras.Input((8, 8, 4))
     a = L.Conv2D(4, 1)(inputs)
@@ -578,7 +596,17 @@ def _grouped_writer():
             "'add_1' \\(Add\\): its inputs do not split from one tensor.*"
             "'inner_relu' \\(read by conv2d_\\d+, add_2\\)",
         ),
-        (_squeeze_excitation, "'excite' \\(Multiply\\): multiplying"),
+        (
+            _squeeze_excitation,
+            "'excite' \\(Multiply\\): multiplying.*dense layers read every "
+            "channel",
+        ),
+        (
+            _separable,
+            "'sep' \\(SeparableConv2D\\): only Conv2D and DepthwiseConv2D.*"
+            "a DepthwiseConv2D and a 1x1 Conv2D",
+        ),
+        (_subtract, "'diff' \\(Subtract\\): Add is the only merge"),
         (_inception, "'mix' \\(Concatenate\\): concatenation"),
         (
             _odd_inner_width,
