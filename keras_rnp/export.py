@@ -293,6 +293,7 @@ def export_onnx(rnp, path, opset=17, overwrite=True, forced_actions=False):
     model_proto, weights = function_to_onnx(concrete, opset, len(signature))
     _name_inputs(model_proto, [spec.name for spec in signature])
     _share_branch_initializers(model_proto, reserved=weights)
+    weights = _without_unread_weights(model_proto, weights)
     second = FORCED_ACTIONS_DOC if forced_actions else budget_doc(rnp)
     model_proto.doc_string = (
         f"keras_rnp RNP model ({rnp.num_gated_layers} gated layers, "
@@ -751,6 +752,25 @@ def _share_branch_initializers(model_proto, reserved=()):
 
     for sub in _subgraphs(main):
         hoist(sub)
+
+
+def _without_unread_weights(model_proto, weights):
+    """`weights` and the main graph's initializers without those no node
+    reads (in the forced-actions graph, the decision network's): else
+    onnxruntime warns of each when it loads the file."""
+    graph = model_proto.graph
+
+    def read(graph):
+        for node in graph.node:
+            yield from node.input
+        for sub in _subgraphs(graph):
+            yield from read(sub)
+
+    names = set(read(graph)) | {output.name for output in graph.output}
+    for tensor in list(graph.initializer):
+        if tensor.name not in names:
+            graph.initializer.remove(tensor)
+    return {name: value for name, value in weights.items() if name in names}
 
 
 def _name_inputs(model_proto, names):

@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import sys
 
 import helpers
 import keras
@@ -36,10 +37,15 @@ def saved_model(rnp, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def onnx_session(rnp, tmp_path_factory):
+def onnx_path(rnp, tmp_path_factory):
     path = tmp_path_factory.mktemp("onnx") / "rnp.onnx"
     keras_rnp.export_onnx(rnp, path)
-    return helpers.onnx_session(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def onnx_session(onnx_path):
+    return helpers.onnx_session(onnx_path)
 
 
 def onnx_run(session, images, budget=(0.0,)):
@@ -97,7 +103,8 @@ def check_matches_keras(rnp, x, default, budgeted):
     np.testing.assert_allclose(
         out["probabilities"], tf.nn.softmax(expected["logits"]), atol=1e-5
     )
-    budget = np.linspace(0, 2, len(x)).astype("float32")
+    # From 2 down to 0 (at batch 1, 2: not the default's budget again).
+    budget = np.linspace(2, 0, len(x)).astype("float32")
     expected = rnp.run(x, budget=budget)
     out = budgeted(x, budget)
     np.testing.assert_array_equal(out["actions"], expected["actions"])
@@ -133,10 +140,11 @@ def test_onnx_matches_keras(rnp, images, onnx_session, batch):
     np.testing.assert_array_equal(out["actions"], expected["actions"])
     assert out["actions"].dtype == np.int32
     np.testing.assert_allclose(out["flops"], expected["flops"], rtol=1e-6)
-    budget = np.linspace(0, 2, batch).astype("float32")
+    budget = np.linspace(2, 0, batch).astype("float32")
     expected = rnp.run(x, budget=budget)
     out = onnx_run(onnx_session, x, budget)
     np.testing.assert_array_equal(out["actions"], expected["actions"])
+    np.testing.assert_allclose(out["logits"], expected["logits"], atol=1e-4)
 
 
 def test_forced_actions_in_both_exports(rnp, images, saved_model, tmp_path):
@@ -163,18 +171,24 @@ def test_forced_actions_in_both_exports(rnp, images, saved_model, tmp_path):
     )
     np.testing.assert_allclose(logits, expected["logits"], atol=1e-4)
     np.testing.assert_allclose(flops, expected["flops"], rtol=1e-6)
-    # Uniform batches take the ONNX graph's one-convolution branch; mixed
-    # previous actions with one action take the blocks.
+    # Uniform batches take the one-convolution branch (a run-time slice in
+    # the SavedModel, a kernel prefix in ONNX); mixed previous actions with
+    # one action take the groups (the blocks in ONNX).
     mixed_previous = np.stack([actions[:, 0], np.full(9, 3)], axis=1)
     for forced in [np.full((9, 2), a) for a in (1, 2, 4)] + [mixed_previous]:
+        forced = forced.astype(np.int32)
+        expected = rnp.run(images, actions=forced)["logits"]
         logits, taken = session.run(
             ["logits", "actions"],
-            {"images": images, "forced_actions": forced.astype(np.int32)},
+            {"images": images, "forced_actions": forced},
         )
         np.testing.assert_array_equal(taken, forced)
-        np.testing.assert_allclose(
-            logits, rnp.run(images, actions=forced)["logits"], atol=1e-4
+        np.testing.assert_allclose(logits, expected, atol=1e-4)
+        out = loaded.signatures["serving_actions"](
+            images=tf.constant(images), forced_actions=tf.constant(forced)
         )
+        np.testing.assert_array_equal(out["actions"], forced)
+        np.testing.assert_allclose(out["logits"], expected, atol=1e-4)
 
 
 def test_onnx_runs_one_convolution_per_gated_layer_at_batch_1(
@@ -207,9 +221,42 @@ def test_decisions_are_spread_so_parity_means_something(rnp, images):
     np.testing.assert_array_equal(huge, 1)
 
 
+def onnx_session_warnings(path):
+    """What onnxruntime prints when it loads `path`, at its default level."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, onnxruntime as ort; ort.InferenceSession(sys.argv[1], "
+            "providers=['CPUExecutionProvider'])",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stderr
+
+
 def test_onnx_budget_is_a_listed_documented_input_and_empty_batch(
-    onnx_session, images
+    rnp, onnx_path, onnx_session, images, tmp_path
 ):
+    import onnx
+
+    graph = onnx.load(str(onnx_path)).graph
+    weights = {tensor.name for tensor in graph.initializer}
+    assert weights.isdisjoint(i.name for i in graph.input)
+    forced = keras_rnp.export_onnx(
+        rnp, tmp_path / "forced.onnx", forced_actions=True
+    )
+    for path in [onnx_path, forced]:
+        # onnxruntime at its default log level warns of an input that is
+        # also an initializer and of initializers no node reads (the
+        # forced-actions graph's decision network). Its optimizer's
+        # "Implicit input name ... cannot be safely updated" is not ours
+        # (README, "ONNX").
+        shown = onnx_session_warnings(path)
+        assert "appears in graph inputs" not in shown, shown
+        assert "Removing initializer" not in shown, shown
     inputs = onnx_session.get_inputs()
     assert [(i.name, i.type) for i in inputs] == [
         ("images", "tensor(float)"),
@@ -419,9 +466,10 @@ def test_litert_layouts(rnp, images, tmp_path, layout):
         rnp, tmp_path / "forced.tflite", forced_actions=True, layout=layout
     )
     # Batch 1 at one pair of different actions (the other pairs or blocks
-    # run on no image) and a mixed batch.
+    # run on no image), a mixed batch and uniform batches of 9.
     mixed = np.random.default_rng(5).integers(1, 5, size=(9, 2))
-    for x, actions in [(images[:1], [[3, 1]]), (images, mixed)]:
+    uniform = [(images, np.full((9, 2), a)) for a in (1, 4)]
+    for x, actions in [(images[:1], [[3, 1]]), (images, mixed), *uniform]:
         actions = np.asarray(actions, "int32")
         out = litert_runner(path, "serving_actions")(
             images=x, forced_actions=actions
