@@ -760,13 +760,15 @@ def _without_unread_weights(model_proto, weights):
     onnxruntime warns of each when it loads the file."""
     graph = model_proto.graph
 
-    def read(graph):
+    def read(graph):  # Inputs of nodes, and outputs (a branch may
+        # return an outer value as it is), at every depth.
+        yield from (output.name for output in graph.output)
         for node in graph.node:
             yield from node.input
         for sub in _subgraphs(graph):
             yield from read(sub)
 
-    names = set(read(graph)) | {output.name for output in graph.output}
+    names = set(read(graph))
     for tensor in list(graph.initializer):
         if tensor.name not in names:
             graph.initializer.remove(tensor)

@@ -67,9 +67,10 @@ _NOT_SUPPORTED = (
     (
         _L.Multiply,
         "multiplying feature maps (squeeze-and-excitation, gating) is not "
-        "supported: squeeze-and-excitation's dense layers read every "
-        "channel of the tensor they scale, and a gated block does not "
-        "slice them",
+        "supported: the layers that compute the scale (Dense or 1x1 "
+        "Conv2D on the pooled map) read every channel of the tensor they "
+        "scale, which a gated block would have to slice per action, and "
+        "the planner has no rule for Multiply",
     ),
     (
         (_L.Attention, _L.AdditiveAttention, _L.MultiHeadAttention),
@@ -78,19 +79,19 @@ _NOT_SUPPORTED = (
     ),
     (
         (_L.Conv2DTranspose, _L.Conv1DTranspose, _L.Conv3DTranspose),
-        "transposed convolutions are not supported: the gated units "
-        "slice Conv2D and DepthwiseConv2D kernels only",
+        "transposed convolutions are not supported: the planner plans, "
+        "slices and counts Conv2D and DepthwiseConv2D kernels only",
     ),
     (
         (_L.SeparableConv2D, _L.Conv1D, _L.Conv3D),
         "only Conv2D and DepthwiseConv2D convolutions are supported, the "
-        "kernels the gated units slice (a separable convolution can be "
-        "built as a DepthwiseConv2D and a 1x1 Conv2D)",
+        "kernels the planner plans, slices and counts (a separable "
+        "convolution can be built as a DepthwiseConv2D and a 1x1 Conv2D)",
     ),
     (
         (_L.Subtract, _L.Average, _L.Maximum, _L.Minimum, _L.Dot),
-        "Add is the only merge supported: the planner follows the "
-        "residual stream through Add, which keeps every channel whole",
+        "Add is the only merge supported: the planner recognises the "
+        "residual stream only through Add",
     ),
 )
 _NONLINEAR = (_L.ReLU, _L.LeakyReLU, _L.ELU, _L.Activation)

@@ -105,6 +105,9 @@ def check_matches_keras(rnp, x, default, budgeted):
     )
     # From 2 down to 0 (at batch 1, 2: not the default's budget again).
     budget = np.linspace(2, 0, len(x)).astype("float32")
+    assert not np.array_equal(
+        rnp.run(x[:1], budget=budget[:1])["actions"], rnp.run(x[:1])["actions"]
+    )
     expected = rnp.run(x, budget=budget)
     out = budgeted(x, budget)
     np.testing.assert_array_equal(out["actions"], expected["actions"])
@@ -221,6 +224,18 @@ def test_decisions_are_spread_so_parity_means_something(rnp, images):
     np.testing.assert_array_equal(huge, 1)
 
 
+def values_read(graph):
+    """The names `graph`'s nodes read, with those of every branch at any
+    depth (branches read outer values by name)."""
+    read = set()
+    for node in graph.node:
+        read.update(node.input)
+        for attribute in node.attribute:
+            for sub in [attribute.g, *attribute.graphs]:
+                read |= values_read(sub)
+    return read
+
+
 def onnx_session_warnings(path):
     """What onnxruntime prints when it loads `path`, at its default level."""
     return subprocess.run(
@@ -237,8 +252,8 @@ def onnx_session_warnings(path):
     ).stderr
 
 
-def test_onnx_budget_is_a_listed_documented_input_and_empty_batch(
-    rnp, onnx_path, onnx_session, images, tmp_path
+def test_onnx_files_store_only_read_weights_and_load_quietly(
+    rnp, onnx_path, tmp_path
 ):
     import onnx
 
@@ -249,6 +264,9 @@ def test_onnx_budget_is_a_listed_documented_input_and_empty_batch(
         rnp, tmp_path / "forced.onnx", forced_actions=True
     )
     for path in [onnx_path, forced]:
+        model = onnx.load(str(path))
+        weights = {tensor.name for tensor in model.graph.initializer}
+        assert weights <= values_read(model.graph)
         # onnxruntime at its default log level warns of an input that is
         # also an initializer and of initializers no node reads (the
         # forced-actions graph's decision network). Its optimizer's
@@ -257,6 +275,11 @@ def test_onnx_budget_is_a_listed_documented_input_and_empty_batch(
         shown = onnx_session_warnings(path)
         assert "appears in graph inputs" not in shown, shown
         assert "Removing initializer" not in shown, shown
+
+
+def test_onnx_budget_is_a_listed_documented_input_and_empty_batch(
+    onnx_session, images
+):
     inputs = onnx_session.get_inputs()
     assert [(i.name, i.type) for i in inputs] == [
         ("images", "tensor(float)"),

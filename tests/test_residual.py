@@ -598,8 +598,8 @@ def _grouped_writer():
         ),
         (
             _squeeze_excitation,
-            "'excite' \\(Multiply\\): multiplying.*dense layers read every "
-            "channel",
+            "'excite' \\(Multiply\\): multiplying.*read every channel of "
+            "the tensor they scale",
         ),
         (
             _separable,
