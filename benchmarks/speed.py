@@ -50,7 +50,6 @@ import keras_rnp  # noqa: E402
 from keras_rnp import backbones  # noqa: E402
 from keras_rnp import export as export_lib  # noqa: E402
 from keras_rnp import io_utils  # noqa: E402
-from keras_rnp import onnx_file  # noqa: E402
 from keras_rnp.data_utils import load_split  # noqa: E402
 from keras_rnp.static_pruning import l1_prune  # noqa: E402
 
@@ -193,19 +192,11 @@ class Runtimes:
         options.log_severity_level = 3
 
         def plain(model):
-            spec = tf.TensorSpec(model.inputs[0].shape, tf.float32, "images")
             path = self._path("plain") + ".onnx"
             self.loaded.append(path)
             # Converted as export_onnx converts (the weights inputs while
             # tf2onnx works: VGG-16's plain model took 22 GB otherwise).
-            function = tf.function(
-                lambda images: model(images, training=False),
-                input_signature=[spec],
-            )
-            proto, weights = export_lib.function_to_onnx(
-                function.get_concrete_function(), 17, 1
-            )
-            onnx_file.write(proto, weights, path)
+            export_lib.plain_model_to_onnx(model, path)
             session = ort.InferenceSession(
                 path, options, providers=["CPUExecutionProvider"]
             )

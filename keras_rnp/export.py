@@ -486,7 +486,7 @@ _LIFTED_SIZE = 1024
 
 def function_to_onnx(concrete, opset, inputs):
     """A concrete function converted to ONNX as `export_onnx` converts (for
-    plain Keras models too: `benchmarks/speed.py`).
+    plain Keras models too: `plain_model_to_onnx`).
 
     Args:
         concrete: the `tf.function`'s concrete function.
@@ -501,6 +501,20 @@ def function_to_onnx(concrete, opset, inputs):
         model_proto, weights = _convert_with_weights_as_inputs(concrete, opset)
     _inline_captured_constants(model_proto, concrete, inputs)
     return model_proto, weights
+
+
+def plain_model_to_onnx(model, path, opset=17):
+    """Writes a plain Keras model (a backbone) to ONNX as `export_onnx`
+    converts, for side-by-side benchmarks: input `images`, the weights
+    streamed into the file."""
+    from keras_rnp import onnx_file
+
+    spec = tf.TensorSpec(model.inputs[0].shape, tf.float32, "images")
+    function = tf.function(
+        lambda images: model(images, training=False), input_signature=[spec]
+    )
+    concrete = function.get_concrete_function()
+    onnx_file.write(*function_to_onnx(concrete, opset, 1), path)
 
 
 def _convert_with_weights_as_inputs(concrete, opset):
