@@ -17,11 +17,15 @@ With `--policy_model`, a trained RNP model (`.keras`) is also timed as it
 serves: its learned policy decides each image's actions (no forced
 actions; the default signature or file of each export) on the first
 `--policy_images` images of a real split, batch after batch, against its
-own full-width network (`keras_rnp.strip`) on the same images.
+own full-width network (`keras_rnp.strip`) on the same images. With
+`--settings=decided`, the random-weight RNP model's own decision network
+decides instead of forced actions, beside the forced-actions export on the
+actions it took: what deciding costs in each runtime.
 
     python benchmarks/speed.py --models=cifar4 --repeats=7
     python benchmarks/speed.py --models=vgg16 --batches=1
     python benchmarks/speed.py --models=resnet20,mobilenetv2 --batches=1
+    python benchmarks/speed.py --models=resnet50 --settings=decided
     python benchmarks/speed.py --models= \
         --policy_model=runs/cifar10/rnp_p0.07.keras \
         --data_dir=../shared/data/cifar10
@@ -92,6 +96,17 @@ flags.DEFINE_integer(
     256,
     "Images the policy model is timed on (each run).",
     lower_bound=1,
+)
+flags.DEFINE_list(
+    "settings",
+    ["uniform", "mixed"],
+    "Actions timed per model: 'uniform' (every gated layer at a = 1.."
+    "groups, and the static network of those widths), or one of them "
+    "('a=2'), 'mixed' (per-image "
+    "actions drawn uniformly, batches above 1), 'decided' (the default "
+    "signature or file, whose decision network, random like the weights, "
+    "decides; beside it, the forced-actions one on the actions it took: "
+    "the two differ by what deciding costs).",
 )
 flags.DEFINE_enum(
     "ort_rnp_level",
@@ -305,54 +320,112 @@ def make_row(model, runtime, batch, label, times, full_flops, flops):
     return row
 
 
-def benchmark_model(name, batches, runtimes, groups, repeats, seed):
+def uniform_actions(settings, groups):
+    """The uniform actions `--settings` asks for: every one for 'uniform',
+    else those named 'a=K'."""
+    if "uniform" in settings:
+        return list(range(1, groups + 1))
+    return sorted({int(s[2:]) for s in settings if s.startswith("a=")})
+
+
+def benchmark_model(name, batches, runtimes, groups, repeats, seed, settings):
     keras.utils.set_random_seed(seed)
     backbone = MODELS[name]()
     rnp = keras_rnp.wrap(backbone, groups=groups)
     steps = rnp.num_gated_layers
     rng = np.random.default_rng(seed)
+    shape = backbone.inputs[0].shape[1:]
+    images = {
+        b: rng.normal(size=(b, *shape)).astype("float32") for b in batches
+    }
+    mixed = {
+        b: rng.integers(1, groups + 1, size=(b, steps))
+        for b in batches
+        if b > 1
+    }
     rows = []
+
+    def add(row):
+        rows.append(row)
+        print(format_row(row), flush=True)
+
+    def time_forced(runtime, label, actions, runs):
+        """Times `runs` (plain, RNP[, static]) on the images of the
+        actions' batch size."""
+        x = images[len(actions)]
+        flops = rnp.run(x, actions=actions)["flops"].numpy()
+        functions = [lambda: runs[0](x), lambda: runs[1](x, actions)]
+        functions += [lambda run=run: run(x) for run in runs[2:]]
+        times = median_times(functions, repeats)
+        add(
+            make_row(name, runtime, len(x), label, times, rnp.full_flops, flops)
+        )
+
     with tempfile.TemporaryDirectory() as workdir:
         factory = Runtimes(rnp, workdir)
+        os.makedirs(os.path.join(workdir, "decided"))
+        deciding = Runtimes(rnp, os.path.join(workdir, "decided"), False)
         for runtime in runtimes:
             print(f"[{name}] preparing {runtime}...", flush=True)
             plain, run_rnp = getattr(factory, runtime)()
             run_plain = plain(backbone)
-            static = {
-                a: plain(same_widths(backbone, rnp, a))
-                for a in range(1, groups)
-            }
-            for batch in batches:
-                shape = (batch, *backbone.inputs[0].shape[1:])
-                x = rng.normal(size=shape).astype("float32")
-                settings = [
-                    (f"a={a}", np.full((batch, steps), a), static.get(a))
-                    for a in range(1, groups + 1)
-                ]
-                if batch > 1:
-                    mixed = rng.integers(1, groups + 1, size=(batch, steps))
-                    settings.append(("mixed", mixed, None))
-                for label, actions, run_static in settings:
-                    flops = rnp.run(x, actions=actions)["flops"].numpy()
-                    functions = [
-                        lambda x=x, run=run_plain: run(x),
-                        lambda x=x, a=actions, run=run_rnp: run(x, a),
-                    ]
-                    if run_static is not None:
-                        functions.append(lambda x=x, run=run_static: run(x))
-                    times = median_times(functions, repeats)
-                    row = make_row(
-                        name,
-                        runtime,
-                        batch,
-                        label,
-                        times,
-                        rnp.full_flops,
-                        flops,
+            if "decided" in settings:
+                run_decided = getattr(deciding, runtime)()[1]
+                for x in images.values():
+                    add(
+                        time_decided(
+                            name,
+                            runtime,
+                            x,
+                            rnp,
+                            repeats,
+                            run_plain,
+                            run_decided,
+                            run_rnp,
+                        )
                     )
-                    rows.append(row)
-                    print(format_row(row), flush=True)
+                del run_decided
+            for a in uniform_actions(settings, groups):
+                # One static network at a time: VGG-16's onnxruntime
+                # sessions hold gigabytes each at batch 64.
+                run_static = None
+                if a < groups:
+                    run_static = plain(same_widths(backbone, rnp, a))
+                runs = [run_plain, run_rnp]
+                runs += [run_static] if run_static is not None else []
+                for batch in batches:
+                    actions = np.full((batch, steps), a)
+                    time_forced(runtime, f"a={a}", actions, runs)
+                del run_static, runs
+            if "mixed" in settings:
+                for actions in mixed.values():
+                    time_forced(runtime, "mixed", actions, [run_plain, run_rnp])
     return rows
+
+
+def time_decided(name, runtime, x, rnp, repeats, plain, decided, forced):
+    """A 'decided' row: the plain model, the RNP model deciding (`decided`,
+    its default signature or file) and, in `forced_seconds`, the
+    forced-actions one on the actions it took, in one loop. Their
+    difference is what the decision network costs in the runtime."""
+    actions, flops = decided(x, None)
+    times = median_times(
+        [
+            lambda: plain(x),
+            lambda: decided(x, None),
+            lambda: forced(x, actions),
+        ],
+        repeats,
+    )
+    row = make_row(
+        name, runtime, len(x), "decided", times[:2], rnp.full_flops, flops
+    )
+    row.update(
+        forced_seconds=times[2],
+        forced_time_speedup=times[0] / times[2],
+        mean_actions=actions.mean(axis=0).tolist(),
+    )
+    return row
 
 
 def benchmark_policy(path, batches, runtimes, repeats, on_rows):
@@ -461,7 +534,7 @@ def benchmark_policy(path, batches, runtimes, repeats, on_rows):
 
 def format_row(row):
     static = "-"
-    if row.get("forced_seconds") is not None:  # A policy row.
+    if row.get("forced_seconds") is not None:  # A policy or decided row.
         static = (
             f"forced {row['forced_seconds'] * 1e3:.2f} "
             f"({row['forced_time_speedup']:.2f}x)"
@@ -501,6 +574,13 @@ def main(argv):
             f"--runtimes expects some of {list(RUNTIMES)}. Received: "
             f"{sorted(unknown)}"
         )
+    named = {"uniform", "mixed", "decided"}
+    named |= {f"a={a}" for a in range(1, FLAGS.groups + 1)}
+    if not FLAGS.settings or set(FLAGS.settings) - named:
+        raise app.UsageError(
+            "--settings expects some of uniform, a=1.."
+            f"a={FLAGS.groups}, mixed, decided. Received: {FLAGS.settings}"
+        )
     try:
         batches = [int(b) for b in FLAGS.batches]
     except ValueError:
@@ -519,6 +599,7 @@ def main(argv):
             FLAGS.groups,
             FLAGS.repeats,
             FLAGS.seed,
+            FLAGS.settings,
         )
         write_results(rows)  # After each model: a crash keeps what ran.
     if FLAGS.policy_model:
@@ -546,6 +627,7 @@ def write_results(rows):
         "repeats",
         "seed",
         "ort_rnp_level",
+        "settings",
         "policy_model",
         "data_dir",
         "dataset",
