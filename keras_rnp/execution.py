@@ -209,14 +209,16 @@ def _run_sliced(unit, x, previous, action, head_plan):
 
     Images are grouped by (previous action, action), so each group runs
     one smaller dense convolution on exactly the channels its images use.
-    Outputs are padded back to full width with zeros for the next layer,
-    or, for the last unit (`head_plan` given), go through the head's
+    For the last unit (`head_plan` given), outputs go through the head's
     sliced dense layer.
 
     A batch whose images all took one action (always so at batch 1) runs
     one convolution on a slice of the unit's kernel chosen at run time,
-    without splitting; a mixed batch loops over the groups present, each
-    running on a run-time slice too.
+    without splitting, and hands the next layer its active channels only
+    (which the next layer reads whole). A mixed batch loops over the
+    groups present, each running on a run-time slice too, and pads each
+    group's output back to full width with zeros, so that the groups
+    merge.
     """
     k = unit.groups
     group_in = unit.in_channels // k
@@ -244,16 +246,22 @@ def _run_sliced(unit, x, previous, action, head_plan):
         y = unit.call_sliced(part, active_in, active_out)
         if head_plan is not None:
             # One dtype for every branch, whatever the head's last layer.
-            y = tf.cast(head_plan.head.call_sliced(y, active_out), out_dtype)
-        else:
-            padding = unit.out_channels - active_out
-            y = tf.pad(y, [[0, 0], [0, 0], [0, 0], [0, padding]])
-        return tf.ensure_shape(y, (None, *output_shape))
+            return tf.cast(head_plan.head.call_sliced(y, active_out), out_dtype)
+        return y
 
-    return _by_group(x, key, run_group, output_shape, out_dtype)
+    widen = None
+    if head_plan is None:
+        # Uniform batches pass on their active channels (a padding and the
+        # next layer's slice of it were two copies of the feature map per
+        # layer); the groups of a mixed batch are padded to merge.
+        def widen(y):
+            padding = unit.out_channels - tf.shape(y)[-1]
+            return tf.pad(y, [[0, 0], [0, 0], [0, 0], [0, padding]])
+
+    return _by_group(x, key, run_group, output_shape, out_dtype, widen)
 
 
-def _by_group(x, key, run_group, output_shape, out_dtype):
+def _by_group(x, key, run_group, output_shape, out_dtype, widen=None):
     """`run_group(part, group)` on the images of `x` of each `key` (a `[B]`
     int32 tensor), the results back in the images' order.
 
@@ -262,11 +270,22 @@ def _by_group(x, key, run_group, output_shape, out_dtype):
     `while_loop`: the graph holds one copy of `run_group`, however many
     keys there are), and the results are merged back with one gather.
     `group` is a scalar int32 tensor, so slices it chooses are chosen at
-    run time. Each result has shape `[part's batch, *output_shape]`.
+    run time. Each result has shape `[part's batch, *output_shape]`, or,
+    with `widen`, a uniform batch's any number of channels and each group
+    of a mixed batch `widen(result)`'s `output_shape`.
     """
 
     def run(part, group):
-        return tf.ensure_shape(run_group(part, group), (None, *output_shape))
+        y = run_group(part, group)
+        if widen is None:
+            return tf.ensure_shape(y, (None, *output_shape))
+        return tf.ensure_shape(y, (None, *output_shape[:-1], None))
+
+    def run_wide(part, group):
+        y = run(part, group)
+        if widen is not None:
+            y = widen(y)
+        return tf.ensure_shape(y, (None, *output_shape))
 
     def grouped():
         present = tf.unique(key).y
@@ -286,7 +305,7 @@ def _by_group(x, key, run_group, output_shape, out_dtype):
         def body(i, outputs, rows):
             group = present[i]
             index = tf.cast(tf.where(tf.equal(key, group))[:, 0], tf.int32)
-            part = run(tf.gather(x, index), group)
+            part = run_wide(tf.gather(x, index), group)
             return i + 1, outputs.write(i, part), rows.write(i, index)
 
         _, outputs, rows = tf.while_loop(

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 from helpers import np_small_cnn
 from helpers import small_cnn
+from helpers import spread_decisions
 
 import keras_rnp
 from keras_rnp import execution
@@ -71,6 +72,36 @@ def test_sliced_inference_equals_masked_with_empty_groups(rnp, batch):
     masked, _, _ = rnp.forward(tf.constant(x), actions=tf.constant(actions))
     np.testing.assert_allclose(out["logits"], masked, rtol=1e-5, atol=1e-5)
     assert out["logits"].shape == (batch, 5)
+
+
+def test_uniform_layers_pass_on_active_channels_mixed_ones_pad():
+    # In the sliced inference a layer whose images all took one action
+    # hands the next layer only its active channels; a mixed one pads its
+    # groups back to full width. Every transition between the two, forced,
+    # against the masked forward pass.
+    rnp = keras_rnp.wrap(small_cnn(), groups=4, gate_first=True, seed=1)
+    rnp = spread_decisions(rnp, seed=2)
+    assert rnp.num_gated_layers == 3
+    x = np.random.default_rng(5).normal(size=(3, 10, 10, 3)).astype("float32")
+    patterns = [
+        [[2, 2, 2]] * 3,  # uniform throughout
+        [[2, 1, 3], [2, 4, 3], [2, 1, 3]],  # uniform, mixed, mixed
+        [[1, 2, 2], [3, 2, 2], [4, 2, 2]],  # mixed, mixed, uniform
+        [[3, 3, 1], [3, 3, 4], [3, 3, 2]],  # uniform, uniform, mixed
+    ]
+    for actions in np.array(patterns):
+        out = rnp.run(x, actions=actions)
+        masked, _, _ = rnp.forward(tf.constant(x), actions=actions)
+        np.testing.assert_allclose(out["logits"], masked, rtol=1e-5, atol=1e-5)
+    # Deciding at batch 1, where every layer is uniform: the decision
+    # network reads a narrow feature map as the full one, its skipped
+    # channels zero.
+    for image in x:
+        out = rnp.run(image[None])
+        masked, taken, q_values = rnp.forward(tf.constant(image[None]))
+        np.testing.assert_array_equal(out["actions"], taken)
+        np.testing.assert_allclose(out["q_values"], q_values, atol=1e-5)
+        np.testing.assert_allclose(out["logits"], masked, atol=1e-5)
 
 
 def test_empty_batch_gives_empty_outputs(rnp):

@@ -74,8 +74,19 @@ class DecisionNetwork(keras.layers.Layer):
         return [zeros, zeros]
 
     def step(self, t, feature_map, state):
-        """Q-values `[B, groups]` for gated layer `t`, and the next state."""
-        code = self.encoders[t](tf.reduce_mean(feature_map, axis=[1, 2]))
+        """Q-values `[B, groups]` for gated layer `t`, and the next state.
+
+        `feature_map` may hold only the first channels of the layer's
+        input (a sliced uniform batch passes on its active ones); the
+        others count as zeros, as in the full feature map.
+        """
+        pooled = tf.reduce_mean(feature_map, axis=[1, 2])
+        channels = self.input_channels[t]
+        if pooled.shape[-1] != channels:
+            padding = channels - tf.shape(pooled)[-1]
+            pooled = tf.pad(pooled, [[0, 0], [0, padding]])
+            pooled = tf.ensure_shape(pooled, (None, channels))
+        code = self.encoders[t](pooled)
         output, state = self.cell(code, state)
         # Q-values in float32 whatever the compute dtype (mixed precision).
         return tf.cast(self.decoders[t](output), tf.float32), state
