@@ -103,11 +103,17 @@ STATISTICS = {
 class _Recorder:
     """Stands in for the decision network: records per-channel statistics
     of each gated layer's input over space (the decision network reads the
-    mean) and reports no Q-values of its own."""
+    mean) and reports no Q-values of its own.
 
-    def __init__(self, groups, statistics):
+    A uniform batch hands a gated layer only the channels the layer before
+    it computed; the others are zeros in the full feature map, and so are
+    their statistics, which are padded back (as the decision network pads
+    its mean)."""
+
+    def __init__(self, groups, statistics, input_channels):
         self.groups = groups
         self.statistics = statistics
+        self.input_channels = input_channels
         self.averages = []
 
     def initial_state(self, batch_size):
@@ -115,8 +121,11 @@ class _Recorder:
         return []
 
     def step(self, t, feature_map, state):
-        del t
-        values = [STATISTICS[name](feature_map) for name in self.statistics]
+        padding = self.input_channels[t] - feature_map.shape[-1]
+        values = [
+            tf.pad(STATISTICS[name](feature_map), [[0, 0], [0, padding]])
+            for name in self.statistics
+        ]
         values = tf.cast(tf.concat(values, axis=-1), tf.float32)
         self.averages.append(values.numpy())
         batch = tf.shape(feature_map)[0]
@@ -130,7 +139,9 @@ def run_path(rnp, images, path, batch_size, statistics=("mean",)):
     logits = []
     for i in range(0, len(images), batch_size):
         part = tf.convert_to_tensor(images[i : i + batch_size])
-        recorder = _Recorder(rnp.groups, statistics)
+        recorder = _Recorder(
+            rnp.groups, statistics, rnp.decision.input_channels
+        )
         actions = tf.constant(np.tile(path, (len(part), 1)), tf.int32)
         out = execution.forward(
             rnp.plan,

@@ -106,7 +106,9 @@ flags.DEFINE_list(
     "actions drawn uniformly, batches above 1), 'decided' (the default "
     "signature or file, whose decision network, random like the weights, "
     "decides; beside it, the forced-actions one on the actions it took: "
-    "the two differ by what deciding costs).",
+    "the two differ by what deciding costs; in Keras, run() with forced "
+    "actions still steps the decision network for its Q-values, so there "
+    "they differ by the greedy choice alone).",
 )
 flags.DEFINE_enum(
     "ort_rnp_level",
@@ -157,7 +159,9 @@ class Runtimes:
 
     def __init__(self, rnp, workdir, forced=True):
         self.rnp, self.workdir, self.forced = rnp, workdir, forced
-        self.loaded = []  # Loaded SavedModels' functions need their objects.
+        # What this factory made (the count names the next file), and the
+        # RNP SavedModel's loaded object, which its functions need.
+        self.loaded = []
 
     def _path(self, name):
         return os.path.join(self.workdir, f"{name}_{len(self.loaded)}")
@@ -177,10 +181,12 @@ class Runtimes:
     def saved_model(self):
         def plain(model):
             path = self._path("plain_saved_model")
+            self.loaded.append(path)
             model.export(path, format="tf_saved_model", verbose=0)
-            self.loaded.append(tf.saved_model.load(path))
-            serve = self.loaded[-1].serve
-            return lambda x: serve(tf.constant(x)).numpy()
+            # The closure holds the loaded object (its functions need it),
+            # so dropping the closure frees it.
+            loaded = tf.saved_model.load(path)
+            return lambda x: loaded.serve(tf.constant(x)).numpy()
 
         path = keras_rnp.export_saved_model(
             self.rnp, os.path.join(self.workdir, "rnp_saved_model")
@@ -588,6 +594,11 @@ def main(argv):
     if not batches or min(batches) < 1:
         raise app.UsageError(
             f"--batches expects positive integers. Received: {FLAGS.batches}"
+        )
+    if FLAGS.models and FLAGS.settings == ["mixed"] and max(batches) == 1:
+        raise app.UsageError(
+            "--settings=mixed times batches above 1 only. Received: "
+            f"--batches={FLAGS.batches}"
         )
     print(HEADER)
     rows = []

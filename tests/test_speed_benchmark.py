@@ -30,18 +30,18 @@ def test_speed_times_the_settings_asked_for(tmp_path):
     result = run_speed(
         "--models=cifar4",
         "--batches=1,2",
-        "--runtimes=keras",
+        "--runtimes=keras,saved_model",
         "--settings=a=1,decided",
         "--repeats=1",
         f"--output={output}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(output.read_text())["rows"]
-    assert [(r["actions"], r["batch"]) for r in rows] == [
-        ("decided", 1),
-        ("decided", 2),
-        ("a=1", 1),
-        ("a=1", 2),
+    assert [(r["runtime"], r["actions"], r["batch"]) for r in rows] == [
+        (runtime, actions, batch)
+        for runtime in ("keras", "saved_model")
+        for actions in ("decided", "a=1")
+        for batch in (1, 2)
     ]
     # At a=1 the RNP model runs the widths of the static network that
     # keeps a quarter of each gated convolution, plus its decision network.
@@ -49,11 +49,11 @@ def test_speed_times_the_settings_asked_for(tmp_path):
     rnp = keras_rnp.wrap(plain, groups=4)
     static = l1_prune(plain, keep=0.25, prune_first=rnp.gate_first)
     narrow = keras_rnp.count_flops(static) + rnp.decision_flops
-    for row in rows[2:]:
+    for row in rows[2:4] + rows[6:]:
         expected = keras_rnp.count_flops(plain) / narrow
         assert abs(row["flops_speedup"] - expected) < 1e-6 * expected
         assert row["static_seconds"] > 0 and row["rnp_seconds"] > 0
-    for row in rows[:2]:
+    for row in rows[:2] + rows[4:6]:
         # Deciding, beside the forced run of the actions it took.
         assert row["forced_seconds"] > 0
         assert len(row["mean_actions"]) == rnp.num_gated_layers
