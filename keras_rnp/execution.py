@@ -29,8 +29,10 @@
   slower at batch 1, `benchmarks/onnx_weights.py`): a batch whose images
   all took one action after one input width (always so at batch 1) runs
   one convolution on the kernel prefix it needs, chosen by a tree of
-  branches; a mixed batch, the blocks of `SLICED_BLOCKS` in a chain, and
-  in a residual block each action's images as a uniform batch.
+  branches, and hands its output on as it is; a mixed batch, the blocks
+  of `SLICED_BLOCKS` in a chain (their output cut to the batch's largest
+  action), and in a residual block each action's images as a uniform
+  batch.
   `keras_rnp.export_onnx` keeps the weights out of tf2onnx's
   constant folding: each kernel is stored once, and its blocks and
   prefixes are slices that onnxruntime folds into constant weights when it
@@ -184,17 +186,27 @@ def _forward_chain(plan, decide, images, mode, training):
             if t == last:
                 groups = tf.split(x, unit.groups, axis=-1)
                 x = plan.head.call_blocks(groups, action)
-        elif mode in BLOCK_MODES:
-            groups = unit.call_blocks(
-                x,
-                action,
-                previous_action=previous,
-                uniform_branch=mode == SLICED_ONNX,
-            )
+        elif mode == SLICED_BLOCKS:
+            groups = unit.call_blocks(x, action, previous_action=previous)
             if t == last:
                 x = plan.head.call_blocks(groups, action)
             else:
                 x = tf.concat(groups, axis=-1)
+        elif mode == SLICED_ONNX:
+            # Between layers, a batch's output holds the groups up to its
+            # largest action: a uniform batch's convolution output as it
+            # is (no zero groups written, no concatenation, and the next
+            # layer's prefix reads it without a slice).
+            x = unit.call_blocks(
+                x,
+                action,
+                previous_action=previous,
+                uniform_branch=True,
+                narrow_input=t > 0,
+                narrow_output=t != last,
+            )
+            if t == last:
+                x = plan.head.call_blocks(x, action)
         else:
             head = plan if t == last else None
             x = _run_sliced(unit, x, previous, action, head)

@@ -194,6 +194,36 @@ def test_forced_actions_in_both_exports(rnp, images, saved_model, tmp_path):
         np.testing.assert_allclose(out["logits"], expected, atol=1e-4)
 
 
+def test_onnx_every_uniform_and_mixed_transition_matches_keras(tmp_path):
+    # Between ONNX layers a batch's output holds the groups up to its
+    # largest action: a uniform layer's convolution output as it is, a
+    # mixed one's groups joined. Every transition, three gated layers.
+    rnp = keras_rnp.wrap(small_cnn(), groups=4, gate_first=True, seed=1)
+    assert rnp.num_gated_layers == 3
+    path = keras_rnp.export_onnx(
+        rnp, tmp_path / "forced.onnx", forced_actions=True
+    )
+    session = helpers.onnx_session(path)
+    x = np.random.default_rng(5).normal(size=(3, 10, 10, 3)).astype("float32")
+    patterns = [
+        [[2, 2, 2]] * 3,  # uniform throughout
+        [[4, 4, 4]] * 3,  # every group
+        [[2, 1, 3], [2, 4, 3], [2, 1, 3]],  # uniform, mixed, mixed
+        [[1, 2, 2], [3, 2, 2], [4, 2, 2]],  # mixed, mixed, uniform
+        [[3, 3, 1], [3, 3, 4], [3, 3, 2]],  # uniform, uniform, mixed
+        [[1, 3, 4], [2, 3, 4], [4, 3, 4]],  # mixed, then one action
+    ]
+    for actions in np.array(patterns, np.int32):
+        masked, _, _ = rnp.forward(tf.constant(x), actions=actions)
+        logits, flops = session.run(
+            ["logits", "flops"], {"images": x, "forced_actions": actions}
+        )
+        np.testing.assert_allclose(logits, masked, atol=1e-4)
+        np.testing.assert_allclose(
+            flops, rnp.flops_from_actions(actions), rtol=1e-6
+        )
+
+
 def test_onnx_runs_one_convolution_per_gated_layer_at_batch_1(
     rnp, images, tmp_path
 ):

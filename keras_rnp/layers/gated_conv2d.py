@@ -301,6 +301,8 @@ class GatedConv2D(keras.layers.Layer):
         previous_action=None,
         uniform_branch=False,
         by_prefix=False,
+        narrow_input=False,
+        narrow_output=False,
     ):
         """Inference on the active channels for graphs whose weights must
         be constants (onnxruntime's fast convolutions need them; LiteRT).
@@ -331,12 +333,21 @@ class GatedConv2D(keras.layers.Layer):
                 (for a unit whose input is gated).
             uniform_branch: add the branch for uniform batches.
             by_prefix: run the prefixes instead of the blocks.
+            narrow_input: (with `uniform_branch`) `x` holds the groups up
+                to the largest input width of the batch, not necessarily
+                all `C_in` channels (what `narrow_output` hands on).
+            narrow_output: (with `uniform_branch`) return one tensor of
+                the groups up to the largest action of the batch, `[B, H',
+                W', max(action) * C_out / k]`: a uniform batch then hands
+                on its convolution's output as it is, with no zero groups
+                to write and no concatenation.
 
         Returns:
             A list of `k` tensors `[B, H', W', C_out / k]`, output group by
             group, each exactly 0 for the images that skipped it; one
             tensor `[B, H', W', C_out]` if the output is not gated or with
-            `by_prefix` (every group, the skipped ones 0).
+            `by_prefix` (every group, the skipped ones 0); with
+            `narrow_output`, the one tensor above.
 
         Every weight is read outside the branches, so that the graph's
         branches take no variables (see `keras_rnp.export`).
@@ -360,11 +371,15 @@ class GatedConv2D(keras.layers.Layer):
         actions = range(1, k + 1) if self.out_gated else [k]
         cases = [(i, o) for i in widths for o in actions]
 
+        narrow_output = narrow_output and self.out_gated
+        narrow_input = narrow_input and self.in_gated
+
         def uniform_case(a_in, a_out):
             """The whole batch at input width `a_in` and action `a_out`:
             the `a_out` groups computed, and zeros for the others."""
-            y = prefix(x, a_in, a_out)
-            if not self.out_gated:
+            # A narrow input holds exactly the `a_in` groups here.
+            y = prefix(x, a_in, a_out, exact=narrow_input)
+            if not self.out_gated or narrow_output:
                 return [y]
             parts = tf.split(y, a_out, axis=-1)
             # A tensor of its own per skipped group (tf2onnx cannot
@@ -382,11 +397,24 @@ class GatedConv2D(keras.layers.Layer):
                 index, [lambda c=c: uniform_case(*c) for c in cases]
             )
 
-        outputs = tf.cond(
-            is_uniform(action * (k + 1) + width),
-            uniform,
-            lambda: gathered(x, action),
-        )
+        def mixed():
+            part = x
+            if narrow_input:  # The blocks read every input group.
+                missing = self.in_channels - tf.shape(x)[-1]
+                part = tf.pad(x, [[0, 0], [0, 0], [0, 0], [0, missing]])
+                part = tf.ensure_shape(
+                    part, (None, *x.shape[1:3], self.in_channels)
+                )
+            outputs = gathered(part, action)
+            if narrow_output:
+                y = tf.concat(outputs, axis=-1)
+                columns = tf.reduce_max(action) * (self.out_channels // k)
+                return [y[:, :, :, :columns]]
+            return outputs
+
+        outputs = tf.cond(is_uniform(action * (k + 1) + width), uniform, mixed)
+        if narrow_output:
+            return outputs[0]
         return outputs if self.out_gated else outputs[0]
 
     def blocks_runner(self, dtype, width, uniform_branch, by_prefix=False):
@@ -628,11 +656,14 @@ class GatedConv2D(keras.layers.Layer):
                 for o in actions
             }
 
-        def prefix(x, a_in, a_out):
+        def prefix(x, a_in, a_out, exact=False):
             """The whole batch at input width `a_in` and action `a_out`:
-            one convolution on a kernel prefix, then its bias and tail."""
+            one convolution on a kernel prefix, then its bias and tail;
+            with `exact`, `x` holds just the `a_in` groups it reads."""
             part = _known(x)
-            if part.shape[-1] != rows(a_in):
+            if exact:
+                part = tf.ensure_shape(part, (*part.shape[:3], rows(a_in)))
+            elif part.shape[-1] != rows(a_in):
                 part = part[:, :, :, : rows(a_in)]
             y = convolve(part, prefixes[a_in, a_out])
             if by_prefix:
