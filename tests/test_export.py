@@ -212,6 +212,7 @@ def test_onnx_every_uniform_and_mixed_transition_matches_keras(tmp_path):
         [[1, 2, 2], [3, 2, 2], [4, 2, 2]],  # mixed, mixed, uniform
         [[3, 3, 1], [3, 3, 4], [3, 3, 2]],  # uniform, uniform, mixed
         [[1, 3, 4], [2, 3, 4], [4, 3, 4]],  # mixed, then one action
+        [[1, 2, 3], [2, 1, 1], [1, 2, 4]],  # mixed, cut below k, mixed
     ]
     for actions in np.array(patterns, np.int32):
         masked, _, _ = rnp.forward(tf.constant(x), actions=actions)

@@ -122,13 +122,15 @@ def test_random_chains_are_exact_and_zero_what_they_skip(spec, data):
     )
 
     # The sliced inference computes what masking computes, and so do
-    # LiteRT's graphs (kernel blocks, kernel prefixes), run in TensorFlow.
+    # LiteRT's graphs (kernel blocks, kernel prefixes) and ONNX's, run in
+    # TensorFlow.
     sliced = rnp.run(images, actions=actions)
     masked, _, _ = rnp.forward(images, actions=actions)
     np.testing.assert_allclose(
         sliced["logits"].numpy(), masked.numpy(), rtol=1e-4, atol=1e-4
     )
-    for mode in (execution.SLICED_BLOCKS, execution.SLICED_PREFIXES):
+    modes = (execution.SLICED_BLOCKS, execution.SLICED_PREFIXES)
+    for mode in modes + (execution.SLICED_ONNX,):
         out, _, _ = rnp.forward(images, actions=actions, mode=mode)
         np.testing.assert_allclose(
             out.numpy(), masked.numpy(), rtol=1e-4, atol=1e-4

@@ -408,7 +408,9 @@ class GatedConv2D(keras.layers.Layer):
             outputs = gathered(part, action)
             if narrow_output:
                 y = tf.concat(outputs, axis=-1)
-                columns = tf.reduce_max(action) * (self.out_channels // k)
+                # (At least one group: an empty batch has no largest.)
+                largest = tf.maximum(tf.reduce_max(action), 1)
+                columns = largest * (self.out_channels // k)
                 return [y[:, :, :, :columns]]
             return outputs
 
